@@ -1,0 +1,453 @@
+"""Pure normalization functions for torch: statistics in, statistics out.
+
+This module mirrors :mod:`normlab.reference` (the float64 NumPy oracle) name for name. Every
+function is pure: it never modifies its arguments, and a function that updates running
+statistics returns the new ones. That makes them usable under ``torch.func.functional_call``,
+``torch.func.vmap`` and ``torch.compile``. Where the semantics coincide with a native torch
+kernel (``torch.batch_norm``, ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm``,
+``F.rms_norm``) the kernel does the work; normlab adds numerics, checks and purity around it:
+
+* statistics of float16/bfloat16 input are accumulated in float32, the output keeps the input's
+  dtype, and running statistics keep their own (float32) dtype;
+* a batch whose statistics are not finite leaves the running statistics as they were (the
+  returned ``updated`` flag says so) without a host synchronization;
+* on the CPU, where torch's kernel sums channel-innermost data (2-D input, channels_last)
+  naively and loses precision with large batches or offsets, the batch statistics are computed
+  by a blocked two-pass method (:func:`channel_mean_var`).
+
+Example::
+
+    >>> import torch
+    >>> from normlab import functional as NF
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> out = NF.batch_norm(x, torch.zeros(3), torch.ones(3), training=True,
+    ...                    num_batches_tracked=torch.tensor(0))
+    >>> out.output.shape, out.running_mean.shape, int(out.num_batches_tracked)
+    (torch.Size([8, 3, 4, 4]), torch.Size([3]), 1)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import stats as _stats
+from .stats import update_running_stats
+
+__all__ = [
+    "BatchNormResult",
+    "InstanceNormResult",
+    "batch_norm",
+    "channel_mean_var",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
+    "update_running_stats",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Rows per block in channel_mean_var: about 1 MiB of float32 per block keeps each block in cache.
+_BLOCK_ELEMENTS = 1 << 18
+# Below this many values per channel torch's naive channel-innermost sum is as accurate as ours
+# (error ~ rows * eps at worst), and the blocked path's extra calls would cost more than they save.
+_STABLE_MIN_ROWS = 256
+
+
+class BatchNormResult(NamedTuple):
+    """What :func:`batch_norm` returns.
+
+    Attributes:
+        output: the normalized tensor, same shape and dtype as the input.
+        running_mean, running_var: the new running statistics (the given ones when no update).
+        num_batches_tracked: the new batch count, or what was given (possibly None).
+        updated: a bool scalar tensor, True when the running statistics took this batch in and
+            False when they were kept because the batch statistics were not finite; None when no
+            update was attempted (eval mode, or no running statistics).
+    """
+
+    output: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    updated: Tensor | None
+
+
+class InstanceNormResult(NamedTuple):
+    """What :func:`instance_norm` returns; fields as in :class:`BatchNormResult`."""
+
+    output: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    updated: Tensor | None
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _check_per_channel(x: Tensor, channels: int, where: str, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.shape != (channels,):
+            raise ValueError(
+                f"{where}: {name} must have shape ({channels},), one value per channel of the "
+                f"input {tuple(x.shape)} (dimension 1), got {tuple(t.shape)}."
+            )
+
+
+def _values_per_channel(x: Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _channel_innermost(x: Tensor) -> bool:
+    # torch's CPU batch-norm kernels reduce channel-innermost layouts (2-D input, channels_last)
+    # with a plain running sum whose error grows with the batch; NCHW-contiguous input is fine.
+    return x.device.type == "cpu" and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (``(N, C, *)``), by a blocked two-pass method.
+
+    ``mean = sum(x) / n`` with torch's cascaded sum, then ``var = sum((x - mean)^2) / n``
+    accumulated block by block, so no full-size temporary is made and the variance cannot go
+    negative. Statistics are float32 for 16-bit input (float64 for float64 input).
+
+    >>> import torch
+    >>> x = torch.randn(1000, 4) + 1e4
+    >>> mean, var = channel_mean_var(x)
+    >>> bool(torch.allclose(var, x.double().var(0, unbiased=False).float(), rtol=1e-4))
+    True
+    """
+    channels = x.shape[1]
+    acc = _acc_dtype(x)
+    rows2d = x.movedim(1, -1).reshape(-1, channels)  # a view for channel-innermost layouts
+    n = rows2d.shape[0]
+    mean = rows2d.sum(0, dtype=acc) / n
+    m2 = torch.zeros(channels, dtype=acc, device=x.device)
+    for block in rows2d.split(max(1, _BLOCK_ELEMENTS // channels)):
+        m2 = m2 + torch.square(block.to(acc) - mean).sum(0)
+    return mean, m2 / n
+
+
+class _StableBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm with statistics from :func:`channel_mean_var`.
+
+    Forward normalizes with torch's inference kernel given those statistics; backward is torch's
+    own training-mode backward given the saved mean and 1/std, so gradients are torch's formula.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        mean, var = channel_mean_var(x)
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        return out, mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, eps = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=_memory_format(x)),
+            x, weight, None, None, mean, invstd, True, ctx.eps, mask,
+        )
+        return gx, gw, gb, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _batch_stats_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, want_stats: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Training-mode forward: ``(output, batch_mean, biased batch_var)`` (stats None if not wanted)."""
+    if _channel_innermost(x) and _values_per_channel(x) >= _STABLE_MIN_ROWS:
+        return _StableBatchNorm.apply(x, weight, bias, eps)
+    if not want_stats:
+        out = torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
+        return out, None, None
+    acc = _acc_dtype(x)
+    mean = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    var = torch.zeros_like(mean)
+    # With momentum 1 the kernel writes the batch mean and unbiased variance into the buffers.
+    out = torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, torch.backends.cudnn.enabled)
+    n = _values_per_channel(x)
+    return out, mean, var * ((n - 1) / n)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    unbiased: bool = True,
+) -> BatchNormResult:
+    """Batch normalization over all dimensions but the channel dimension 1.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, with the batch's mean and biased
+    variance when ``training`` (or when no running statistics are given), else with
+    ``running_mean``/``running_var``. In training, the running statistics are updated as
+    :func:`normlab.stats.update_running_stats` says and returned; the arguments stay untouched.
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *)``.
+        running_mean, running_var: ``(C,)`` or None (always use batch statistics).
+        weight, bias: ``(C,)`` affine parameters γ and β, or None (1 and 0).
+        training: use and update batch statistics.
+        momentum: weight of the new batch in the running average (torch's meaning); None for
+            the cumulative average, which needs ``num_batches_tracked``.
+        eps: added to the variance. Default 1e-5 as torch.
+        num_batches_tracked: int64 scalar tensor, batches already in the running statistics.
+        unbiased: store the unbiased batch variance in ``running_var`` (torch's convention).
+
+    Returns:
+        :class:`BatchNormResult` ``(output, running_mean, running_var, num_batches_tracked, updated)``.
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0], [3.0]])
+    >>> r = batch_norm(x, torch.zeros(1), torch.ones(1), training=True, momentum=0.5)
+    >>> r.output.squeeze(1), r.running_mean, r.running_var
+    (tensor([-1.0000,  1.0000]), tensor([1.]), tensor([1.5000]))
+    """
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm: input must be (N, C) or (N, C, *), got a {input.dim()}-D tensor of shape "
+            f"{tuple(input.shape)}; add a batch dimension with x.unsqueeze(0)."
+        )
+    channels = input.shape[1]
+    _check_per_channel(
+        input, channels, "batch_norm",
+        running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: give both running_mean and running_var, or neither.")
+    _stats.check_momentum(momentum, owner="batch_norm")
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            "batch_norm: momentum=None (cumulative average) needs num_batches_tracked, the count "
+            "of batches already averaged; pass torch.tensor(0) for a fresh layer."
+        )
+    use_batch_stats = training or running_mean is None
+    n = _values_per_channel(input)
+    if use_batch_stats and n == 1:
+        raise ValueError(
+            f"batch_norm: training needs more than one value per channel to compute a batch "
+            f"variance, got input of shape {tuple(input.shape)}. Use a larger batch, drop the last "
+            f"partial batch (DataLoader(drop_last=True)), or normalize with running statistics."
+        )
+    acc = _acc_dtype(input)
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    if n == 0:  # an empty batch: an empty output (as torch), statistics and count untouched
+        return BatchNormResult(input.clone(), running_mean, running_var, num_batches_tracked, None)
+    if not use_batch_stats:
+        out = torch.batch_norm(
+            input, w, b, running_mean.to(acc), running_var.to(acc), False, 0.0, eps,
+            torch.backends.cudnn.enabled,
+        )
+        return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+    if running_mean is None:  # batch statistics, nothing to update
+        out = _batch_stats_forward(input, w, b, eps, want_stats=False)[0]
+        return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+
+    out, batch_mean, batch_var = _batch_stats_forward(input, w, b, eps)
+    count = num_batches_tracked if num_batches_tracked is not None else 0
+    new_mean, new_var = update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, n, momentum, count, unbiased
+    )
+    updated = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+    # torch.where keeps the last good statistics without asking the host which branch to take.
+    new_mean = torch.where(updated, new_mean, running_mean)
+    new_var = torch.where(updated, new_var, running_var)
+    new_count = None if num_batches_tracked is None else num_batches_tracked + updated.to(num_batches_tracked.dtype)
+    return BatchNormResult(out, new_mean, new_var, new_count, updated)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> InstanceNormResult:
+    """Instance normalization: statistics per sample and channel over the spatial dimensions.
+
+    ``y[n, c] = (x[n, c] - mean[n, c]) / sqrt(var[n, c] + eps) * weight[c] + bias[c]``. With
+    running statistics and ``use_input_stats``, they move towards the batch average of the
+    per-instance means and unbiased variances (torch's rule) and are returned; the arguments
+    stay untouched. With ``use_input_stats=False`` every instance uses the running statistics.
+
+    Args:
+        input: ``(N, C, L, ...)`` with at least one spatial dimension.
+        running_mean, running_var: ``(C,)`` or None.
+        weight, bias: ``(C,)`` or None.
+
+    Returns:
+        :class:`InstanceNormResult` ``(output, running_mean, running_var, updated)``.
+
+    >>> import torch
+    >>> instance_norm(torch.arange(6.0).reshape(1, 2, 3)).output
+    tensor([[[-1.2247,  0.0000,  1.2247],
+             [-1.2247,  0.0000,  1.2247]]])
+    """
+    if input.dim() < 3:
+        raise ValueError(
+            f"instance_norm: input must be (N, C, L, ...) with at least one spatial dimension, got "
+            f"shape {tuple(input.shape)}; for an unbatched (C, L) input use x.unsqueeze(0)."
+        )
+    _check_per_channel(
+        input, input.shape[1], "instance_norm",
+        running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+    )
+    _stats.check_momentum(momentum, owner="instance_norm")
+    if momentum is None:
+        raise ValueError("instance_norm: momentum=None is not supported (torch has no cumulative "
+                         "average for instance norm); give a float in [0, 1].")
+    spatial = math.prod(input.shape[2:])
+    if use_input_stats and spatial == 1:
+        raise ValueError(
+            f"instance_norm: each instance needs more than one spatial value to compute a variance, "
+            f"got input of shape {tuple(input.shape)}."
+        )
+    acc = _acc_dtype(input)
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    if running_mean is None or not use_input_stats or input.numel() == 0:
+        rm, rv = _cast(running_mean, acc), _cast(running_var, acc)
+        out = F.instance_norm(input, rm, rv, w, b, use_input_stats, momentum, eps) if input.numel() else input.clone()
+        return InstanceNormResult(out, running_mean, running_var, None)
+    rm, rv = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    out = F.instance_norm(input, rm, rv, w, b, True, momentum, eps)
+    updated = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+    new_mean = torch.where(updated, rm.to(running_mean.dtype), running_mean)
+    new_var = torch.where(updated, rv.to(running_var.dtype), running_var)
+    return InstanceNormResult(out, new_mean, new_var, updated)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dimensions (as torch).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, statistics per leading index;
+    float32 statistics for 16-bit input.
+
+    >>> import torch
+    >>> layer_norm(torch.tensor([[1.0, 3.0]]), 2)
+    tensor([[-1.0000,  1.0000]])
+    """
+    shape = _as_shape(normalized_shape)
+    _check_trailing(input, shape, "layer_norm", weight=weight, bias=bias)
+    return F.layer_norm(input, shape, _match(weight, input), _match(bias, input), eps)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Group normalization: channels split into ``num_groups`` groups, statistics per sample and group.
+
+    ``y = (x - mean[n, g]) / sqrt(var[n, g] + eps) * weight[c] + bias[c]`` for input ``(N, C, *)``.
+
+    >>> import torch
+    >>> group_norm(torch.tensor([[1.0, 3.0, 0.0, 2.0]]), 2)
+    tensor([[-1.0000,  1.0000, -1.0000,  1.0000]])
+    """
+    if input.dim() < 2:
+        raise ValueError(f"group_norm: input must be (N, C, *), got shape {tuple(input.shape)}.")
+    channels = input.shape[1]
+    if num_groups <= 0 or channels % num_groups:
+        raise ValueError(
+            f"group_norm: the {channels} channels must split evenly into num_groups groups, got "
+            f"num_groups={num_groups}; choose a divisor of {channels}."
+        )
+    _check_per_channel(input, channels, "group_norm", weight=weight, bias=bias)
+    return F.group_norm(input, num_groups, _match(weight, input), _match(bias, input), eps)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dimensions.
+
+    ``y = x / sqrt(mean(x^2) + eps) * weight``; ``eps=None`` means ``torch.finfo(input.dtype).eps``
+    (torch's default). 16-bit input is computed in float32 and returned in its dtype.
+
+    >>> import torch
+    >>> rms_norm(torch.tensor([[3.0, 4.0]]), 2, eps=0.0)
+    tensor([[0.8485, 1.1314]])
+    """
+    shape = _as_shape(normalized_shape)
+    _check_trailing(input, shape, "rms_norm", weight=weight)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    if input.dtype in _HALF_DTYPES:
+        out = F.rms_norm(input.float(), shape, _cast(weight, torch.float32), eps)
+        return out.to(input.dtype)
+    return F.rms_norm(input, shape, _match(weight, input), eps)
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(normalized_shape)
+
+
+def _check_trailing(input: Tensor, shape: tuple[int, ...], where: str, **tensors: Tensor | None) -> None:
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"{where}: the input's trailing dimensions must equal normalized_shape={list(shape)}, got "
+            f"input of shape {tuple(input.shape)}; pass normalized_shape=x.shape[-k:] for the last k dims."
+        )
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(t.shape)}.")
+
+
+def _match(param: Tensor | None, input: Tensor) -> Tensor | None:
+    # torch's CPU layer/group-norm kernels accept float32 parameters with 16-bit input (and then
+    # accumulate in float32), but not 16-bit parameters with float32 input and the like.
+    if param is None or param.dtype == input.dtype:
+        return param
+    if input.dtype in _HALF_DTYPES:
+        return param.float()
+    return param.to(input.dtype)

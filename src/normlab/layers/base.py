@@ -1,0 +1,167 @@
+"""What every normlab layer shares: option checks, float32 running statistics, non-finite guard.
+
+normlab's layers subclass their ``torch.nn`` counterparts, so parameters, buffers, state-dict
+keys and versioning (``num_batches_tracked`` filled in for version-1 checkpoints), ``repr`` and
+``isinstance`` checks in other libraries are torch's own. :class:`NormLayer` adds what torch
+lacks and each layer's ``forward`` hands the math to :mod:`normlab.functional`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import stats as _stats
+
+__all__ = ["NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer", "name_layers"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+NonFinitePolicy = Literal["warn", "skip", "raise"]
+_NONFINITE_POLICIES = ("warn", "skip", "raise")
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch had non-finite statistics; the running statistics were left unchanged."""
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}.")
+
+
+def check_positive_int(owner: str, name: str, value: object) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is an int > 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be a positive int, got {type(value).__name__} {value!r}.")
+    if value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value}.")
+
+
+def check_eps(owner: str, eps: object) -> None:
+    """Raise unless ``eps`` is a non-negative number (it keeps constant channels finite)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{owner}: eps must be a float >= 0, got {type(eps).__name__} {eps!r}.")
+    if not eps >= 0:
+        raise ValueError(f"{owner}: eps must be >= 0 (typically 1e-5), got {eps!r}.")
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Give every normlab layer in ``model`` its qualified name, used in warnings and errors.
+
+    >>> import torch, normlab
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), normlab.BatchNorm1d(4))
+    >>> normlab.name_layers(model)[1].name
+    '1'
+    """
+    for qualified, module in model.named_modules():
+        if isinstance(module, NormLayer):
+            module.name = qualified
+    return model
+
+
+class NormLayer:
+    """Mixin for every normlab layer: a display name for messages."""
+
+    name: str | None = None
+
+    def _label(self) -> str:
+        first = getattr(self, "num_features", None) or getattr(self, "num_channels", None) or getattr(
+            self, "normalized_shape", ""
+        )
+        where = f" '{self.name}'" if self.name else ""
+        return f"{type(self).__name__}({first}){where}"
+
+
+class RunningStatsLayer(NormLayer):
+    """Mixin for layers with running statistics (batch and instance norm).
+
+    * Running statistics stay float32 when the module is cast to float16/bfloat16
+      (``model.half()``) or built with such a dtype: 16-bit EMAs lose the small updates.
+    * ``on_nonfinite`` says what a training batch with non-finite statistics does: it never
+      changes the running statistics; ``"warn"`` (default) warns naming the layer, ``"skip"`` is
+      silent, ``"raise"`` raises ``FloatingPointError`` (a host synchronization per batch on
+      accelerators). Skipped batches are counted in the non-persistent buffer
+      ``num_batches_skipped``. On CPU the warning comes at once; on accelerators it comes when the
+      layer leaves training mode (``model.eval()``), so the training step stays free of
+      synchronization.
+    """
+
+    def _init_options(self, on_nonfinite: NonFinitePolicy, dtype: torch.dtype | None) -> None:
+        check_choice(type(self).__name__, "on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
+        self.on_nonfinite = on_nonfinite
+        self.register_buffer(
+            "num_batches_skipped",
+            torch.zeros((), dtype=torch.long, device=self._stats_device()),
+            persistent=False,
+        )
+        self._reported_skips = 0
+        self._keep_stats_float32()
+
+    def _stats_device(self) -> torch.device | None:
+        rm = getattr(self, "running_mean", None)
+        if rm is not None:
+            return rm.device
+        w = getattr(self, "weight", None)
+        return None if w is None else w.device
+
+    def _keep_stats_float32(self) -> None:
+        for key in ("running_mean", "running_var"):
+            buf = self._buffers.get(key)
+            if buf is not None and buf.dtype in _HALF_DTYPES:
+                self._buffers[key] = buf.float()
+
+    def _apply(self, fn, recurse=True):
+        before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
+        result = super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers.get(key)
+            if old is not None and new is not None and new.dtype in _HALF_DTYPES:
+                # Move the float32 original rather than up-casting the rounded 16-bit copy.
+                self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
+        return result
+
+    def _store_stats(self, running_mean: Tensor, running_var: Tensor, updated: Tensor) -> None:
+        if self.on_nonfinite == "raise" and not bool(updated):
+            raise FloatingPointError(
+                f"{self._label()}: the batch statistics are not finite (NaN or inf in the input or "
+                f"in an earlier layer); the running statistics were left unchanged. Construct the "
+                f"layer with on_nonfinite='warn' or 'skip' to continue past such batches."
+            )
+        with torch.no_grad():
+            self.running_mean.copy_(running_mean)
+            self.running_var.copy_(running_var)
+            self.num_batches_skipped.add_((~updated).to(torch.long))
+        if self.on_nonfinite == "warn" and updated.device.type == "cpu" and not _compiling():
+            self._report_skips()
+
+    def _report_skips(self) -> None:
+        skipped = int(self.num_batches_skipped)
+        if skipped > self._reported_skips:
+            warnings.warn(
+                f"{self._label()}: {skipped - self._reported_skips} training batch(es) had non-finite "
+                f"statistics (NaN or inf in the input or an earlier layer); the running statistics "
+                f"kept their last finite values. Find the source with torch.autograd.detect_anomaly "
+                f"or normlab.name_layers(model) to see which layer this is.",
+                NonFiniteStatisticsWarning,
+                stacklevel=4,
+            )
+            self._reported_skips = skipped
+
+    def train(self, mode: bool = True):
+        if not mode and self.training and self.on_nonfinite == "warn":
+            self._report_skips()  # deferred report for accelerators: one synchronization per switch
+        return super().train(mode)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def check_momentum(owner: str, momentum: float | None) -> None:
+    """Validate a layer's momentum with the owner's name in the message."""
+    _stats.check_momentum(momentum, owner=owner)

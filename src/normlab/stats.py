@@ -1,0 +1,191 @@
+"""Running-statistics estimators, and the momentum conventions of torch, Keras and Flax.
+
+A batch-norm layer keeps a running mean and variance that it uses at inference. normlab
+keeps torch's conventions by default, so that torch checkpoints load unchanged:
+
+* ``momentum`` is the weight of the *new* batch: ``running = (1 - momentum) * running + momentum * batch``.
+  ``momentum=None`` is the cumulative (equal-weight) average of every batch seen so far.
+* ``running_var`` holds the *unbiased* batch variance (divisor ``n - 1``), while the batch is
+  normalized with the biased one (divisor ``n``).
+
+Keras and Flax call the same number a *decay*: the weight of the *old* value
+(``running = decay * running + (1 - decay) * batch``, default 0.99), and their running variance
+is biased. :func:`momentum_from_decay` and :data:`CONVENTIONS` convert between them.
+
+Example::
+
+    >>> import torch
+    >>> from normlab import stats
+    >>> rm, rv = stats.update_running_stats(torch.zeros(2), torch.ones(2),
+    ...     batch_mean=torch.tensor([1.0, 2.0]), batch_var=torch.tensor([4.0, 4.0]), n=5, momentum=0.1)
+    >>> rm, rv  # running_var uses the unbiased 4 * 5/4 = 5
+    (tensor([0.1000, 0.2000]), tensor([1.4000, 1.4000]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Convention",
+    "CONVENTIONS",
+    "check_momentum",
+    "ema",
+    "cumulative_average",
+    "unbiased_var",
+    "update_running_stats",
+    "momentum_from_decay",
+    "decay_from_momentum",
+    "from_keras",
+    "from_flax",
+]
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a framework defines its batch-norm running statistics.
+
+    Attributes:
+        framework: its name.
+        momentum_meaning: ``"new"`` when momentum weights the new batch (torch), ``"old"`` when it
+            weights the running value (Keras, Flax: a decay).
+        default_momentum: the framework's default, in its own meaning.
+        default_eps: the framework's default epsilon.
+        running_var: ``"unbiased"`` (divisor n - 1) or ``"biased"`` (divisor n).
+    """
+
+    framework: str
+    momentum_meaning: str
+    default_momentum: float
+    default_eps: float
+    running_var: str
+
+    @property
+    def torch_momentum(self) -> float:
+        """The default momentum expressed in torch's meaning (weight of the new batch)."""
+        if self.momentum_meaning == "new":
+            return self.default_momentum
+        return momentum_from_decay(self.default_momentum)
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "torch": Convention("torch", "new", 0.1, 1e-5, "unbiased"),
+    # keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-3); moving_variance from ops.moments.
+    "keras": Convention("keras", "old", 0.99, 1e-3, "biased"),
+    # flax.linen.BatchNorm(momentum=0.99, epsilon=1e-5); var = mean(x^2) - mean(x)^2 over the batch.
+    "flax": Convention("flax", "old", 0.99, 1e-5, "biased"),
+}
+
+
+def check_momentum(momentum: float | None, *, owner: str = "momentum") -> None:
+    """Raise a ``ValueError``/``TypeError`` unless ``momentum`` is None or a number in [0, 1]."""
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(
+            f"{owner}: momentum must be a float in [0, 1] or None (cumulative average), "
+            f"got {type(momentum).__name__} {momentum!r}."
+        )
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"{owner}: momentum must lie in [0, 1] (torch's meaning: the weight of the new batch), "
+            f"got {momentum!r}. A Keras/Flax-style decay d converts as momentum = 1 - d "
+            f"(normlab.stats.momentum_from_decay)."
+        )
+
+
+def ema(running: Tensor, batch: Tensor, momentum: float | Tensor) -> Tensor:
+    """Exponential moving average, torch's meaning: ``(1 - momentum) * running + momentum * batch``."""
+    return (1.0 - momentum) * running + momentum * batch
+
+
+def cumulative_average(running: Tensor, batch: Tensor, count_before: Tensor | int) -> Tensor:
+    """Equal-weight average of all batches: ``running + (batch - running) / (count_before + 1)``.
+
+    ``count_before`` is the number of batches already averaged into ``running``; a tensor keeps
+    the update free of host synchronization on accelerators.
+    """
+    return running + (batch - running) / (count_before + 1)
+
+
+def unbiased_var(biased_var: Tensor, n: int) -> Tensor:
+    """Bessel's correction: the variance with divisor ``n - 1`` from the one with divisor ``n``."""
+    if n < 2:
+        raise ValueError(
+            f"the unbiased variance needs at least 2 values per channel, got n={n}; "
+            "use a larger batch or unbiased=False."
+        )
+    return biased_var * (n / (n - 1))
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    n: int,
+    momentum: float | None = 0.1,
+    num_batches_tracked: Tensor | int = 0,
+    unbiased: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """New running mean and variance after one batch (the arguments are not modified).
+
+    Args:
+        running_mean, running_var: current running statistics, shape ``(C,)``.
+        batch_mean, batch_var: the batch's mean and *biased* variance, shape ``(C,)``.
+        n: values per channel in the batch (``N * prod(spatial)``).
+        momentum: weight of the new batch; ``None`` for the cumulative average.
+        num_batches_tracked: batches already in the running statistics (used when momentum is None).
+        unbiased: store the unbiased batch variance (torch's convention) rather than the biased one.
+
+    Returns:
+        ``(new_running_mean, new_running_var)`` in the running statistics' dtype.
+    """
+    var = unbiased_var(batch_var, n) if unbiased else batch_var
+    batch_mean = batch_mean.to(running_mean.dtype)
+    var = var.to(running_var.dtype)
+    if momentum is None:
+        return (
+            cumulative_average(running_mean, batch_mean, num_batches_tracked),
+            cumulative_average(running_var, var, num_batches_tracked),
+        )
+    return ema(running_mean, batch_mean, momentum), ema(running_var, var, momentum)
+
+
+def momentum_from_decay(decay: float) -> float:
+    """torch's momentum from a Keras/Flax decay (weight of the old value): ``1 - decay``."""
+    check_momentum(decay, owner="decay")
+    return 1.0 - float(decay)
+
+
+def decay_from_momentum(momentum: float) -> float:
+    """Keras/Flax decay from torch's momentum: ``1 - momentum``."""
+    check_momentum(momentum)
+    return 1.0 - float(momentum)
+
+
+def _layer_kwargs(convention: Convention, decay: float | None, eps: float | None) -> dict:
+    decay = convention.default_momentum if decay is None else decay
+    return {
+        "momentum": momentum_from_decay(decay),
+        "eps": convention.default_eps if eps is None else float(eps),
+        "unbiased": convention.running_var == "unbiased",
+    }
+
+
+def from_keras(momentum: float | None = None, epsilon: float | None = None) -> dict:
+    """Keyword arguments that make a normlab batch norm update like Keras's ``BatchNormalization``.
+
+    >>> from normlab import stats
+    >>> stats.from_keras()  # doctest: +ELLIPSIS
+    {'momentum': 0.01..., 'eps': 0.001, 'unbiased': False}
+    """
+    return _layer_kwargs(CONVENTIONS["keras"], momentum, epsilon)
+
+
+def from_flax(momentum: float | None = None, epsilon: float | None = None) -> dict:
+    """Keyword arguments that make a normlab batch norm update like Flax's ``nn.BatchNorm``."""
+    return _layer_kwargs(CONVENTIONS["flax"], momentum, epsilon)
