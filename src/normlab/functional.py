@@ -189,12 +189,25 @@ def _batch_stats_forward(
         out = torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
         return out, None, None
     acc = _acc_dtype(x)
-    mean = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-    var = torch.zeros_like(mean)
-    # With momentum 1 the kernel writes the batch mean and unbiased variance into the buffers.
-    out = torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, torch.backends.cudnn.enabled)
+    zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    # With momentum 1 the kernel's "new running statistics" are the batch mean and unbiased
+    # variance. The functional form returns them instead of writing into its arguments, which
+    # is what lets vmap batch this call.
+    out, _, _, mean, var = _functional_batch_norm(x, weight, bias, zeros, zeros, True, 1.0, eps)
     n = _values_per_channel(x)
     return out, mean, var * ((n - 1) / n)
+
+
+def _inplace_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    # Fallback for torch versions without the functional op: the same kernel, writing into copies.
+    mean, var = running_mean.clone(), running_var.clone()
+    out = torch.batch_norm(x, weight, bias, mean, var, training, momentum, eps, torch.backends.cudnn.enabled)
+    return out, None, None, mean, var
+
+
+_functional_batch_norm = getattr(
+    torch.ops.aten, "_native_batch_norm_legit_functional", _inplace_batch_norm
+)
 
 
 def batch_norm(
