@@ -1,0 +1,184 @@
+"""The ``normlab`` command: list experiments, run one, rebuild a report.
+
+Exit codes: 0 success; 1 ``--check`` found the measured outcome missing the expected one;
+2 bad arguments, config or data; 130 interrupted (continue with ``--resume``).
+Errors print one line; ``NORMLAB_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """examples:
+  normlab list
+  normlab run ioffe2015-mnist --quick                 # minutes on 2 CPU cores, embedded MNIST
+  normlab run ioffe2015-mnist --seeds 5 --steps 5000 --check
+  normlab run ioffe2015-mnist --data mnist --data-dir ~/data --device cuda
+  normlab run ioffe2015-mnist --quick --set train.lr=0.5 --set model.widths=[200,200]
+  normlab run ioffe2015-mnist --quick --resume        # continue the latest stopped run
+  normlab report runs/ioffe2015-mnist-quick-20261125-101500
+
+exit codes: 0 success, 1 --check: expected outcome missed, 2 bad arguments/config/data,
+130 interrupted (continue with --resume)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, not the usage block
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="normlab",
+        description="normlab's lab: experiments that test the claims made for batch normalization.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{list,run,report}", parser_class=_Parser)
+    sub.add_parser("list", help="the experiments, one line each")
+
+    run = sub.add_parser("run", help="run an experiment and write its report", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("experiment", help="an experiment name (normlab list)")
+    run.add_argument("--quick", action="store_true", help="the experiment's quick form (fewer steps and seeds)")
+    run.add_argument("--seeds", type=int, help="number of seeds (train.seeds)")
+    run.add_argument("--steps", type=int, help="steps per arm and seed (train.steps)")
+    run.add_argument("--device", help="auto, cpu or cuda (train.device)")
+    run.add_argument("--data", help="data set name (data.name): mnist-5k, digits, synthetic, mnist, fashion-mnist, cifar10")
+    run.add_argument("--data-dir", help="folder with the standard files of mnist / fashion-mnist / cifar10")
+    run.add_argument("--out", help="run folder (default runs/EXPERIMENT[-quick]-TIMESTAMP)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
+    run.add_argument("--config", metavar="FILE.toml", help="TOML file of overrides ([train] lr = 0.1 ...)")
+    run.add_argument("--check", action="store_true", help="exit 1 if the measured outcome misses the expected one")
+    run.add_argument("--resume", action="store_true", help="continue a stopped run (--out, or the latest one)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = sub.add_parser("report", help="rebuild report.html and report.md from a run folder")
+    report.add_argument("run_dir")
+    return parser
+
+
+def _resolve_config(args):
+    from .lab.config import apply_overrides, load_toml_overrides, parse_set
+    from .lab.experiments.base import get_experiment
+
+    experiment = get_experiment(args.experiment)
+    config = experiment.quick_config() if args.quick else experiment.default_config()
+    if args.config:
+        file_overrides = load_toml_overrides(args.config)
+        arms = file_overrides.pop("__arms__", None)
+        config = apply_overrides(config, file_overrides, parse=False)
+        if arms is not None:
+            config.arms = {name: dict(body) for name, body in arms.items()}
+    flags = {
+        "train.seeds": args.seeds, "train.steps": args.steps, "train.device": args.device,
+        "data.name": args.data, "data.data_dir": args.data_dir,
+    }
+    config = apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
+    config = apply_overrides(config, parse_set(args.set))
+    return experiment, config
+
+
+def _run_dir(args, config) -> Path:
+    if args.out:
+        return Path(args.out)
+    stem = f"{config.experiment}{'-quick' if args.quick else ''}"
+    if args.resume:
+        candidates = sorted(Path("runs").glob(f"{stem}-2*"), key=lambda p: p.name)
+        if not candidates:
+            raise _UsageError(f"--resume found no earlier run under runs/{stem}-*; give its folder with --out.")
+        return candidates[-1]
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _cmd_list() -> int:
+    from .lab.experiments import all_experiments
+
+    experiments = all_experiments()
+    width = max(len(name) for name in experiments)
+    for name, experiment in sorted(experiments.items()):
+        print(f"{name:<{width}}  {experiment.description}")
+    return EXIT_OK
+
+
+def _cmd_run(args) -> int:
+    from .lab.report import format_summary_table, write_report
+    from .lab.trainer import Interrupted, Trainer
+
+    experiment, config = _resolve_config(args)
+    run_dir = _run_dir(args, config)
+    print(f"normlab: {experiment.name}: {len(config.arms)} arms x {config.train.seeds} seeds x "
+          f"{config.train.steps} steps on {config.data.name} -> {run_dir}", file=sys.stderr)
+    trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress)
+    try:
+        trainer.run()
+    except Interrupted as stop:
+        print(f"normlab: interrupted ({stop}); continue with the same command plus --resume --out {run_dir}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    paths = write_report(run_dir, experiment=experiment)
+    summary = _summary(paths)
+    print(format_summary_table(summary))
+    print(f"\nreport: {paths['html']}\n        {paths['md']}")
+    if args.check and not summary.met:
+        print(f"normlab: --check: expected outcome missed: {summary.expected}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def _summary(paths):
+    import json
+
+    from .lab.experiments.base import Summary
+
+    return Summary(**json.loads(Path(paths["summary"]).read_text()))
+
+
+def _cmd_report(args) -> int:
+    from .lab.report import format_summary_table, write_report
+
+    paths = write_report(Path(args.run_dir))
+    print(format_summary_table(_summary(paths)))
+    print(f"\nreport: {paths['html']}\n        {paths['md']}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``normlab`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        if args.command == "list":
+            return _cmd_list()
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_report(args)
+    except (_UsageError, ValueError) as err:
+        if os.environ.get("NORMLAB_DEBUG"):
+            raise
+        print(f"normlab: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("normlab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The normlab lab: experiments that test the claims made for batch normalization."""

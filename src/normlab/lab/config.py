@@ -1,0 +1,250 @@
+"""Typed experiment configurations: defaults in code, overrides from TOML files and ``--set``.
+
+A config is four dataclasses (data, model, training, and the experiment around them). An
+experiment's *arms* are named sets of overrides applied on top of the base config (e.g.
+``{"batch": {"model.norm": "batch"}}``). Overrides are dotted keys (``train.lr``), type-checked
+against the field they set; an unknown key is rejected with the list of valid ones. The resolved
+config is saved as ``config.json`` in every run folder and is enough to rebuild the report.
+
+>>> from normlab.lab.config import ExperimentConfig, apply_overrides
+>>> cfg = apply_overrides(ExperimentConfig(experiment="demo"), {"train.lr": "0.5", "model.widths": "[50, 50]"})
+>>> cfg.train.lr, cfg.model.widths
+(0.5, [50, 50])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "ConfigError",
+    "apply_overrides",
+    "arm_config",
+    "config_from_dict",
+    "config_to_dict",
+    "load_toml_overrides",
+    "parse_set",
+    "valid_keys",
+]
+
+
+class ConfigError(ValueError):
+    """A bad override or config file: the message says which key, what was given and what is valid."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist-5k"  # a data set of normlab.lab.data.dataset_names(); embedded ones need no files
+    data_dir: str | None = None  # folder holding the standard files of mnist / fashion-mnist / cifar10
+    test_fraction: float = 0.2  # share of an embedded data set held out for testing
+    split_seed: int = 0  # fixes the train/test split of embedded sets, the same for every run seed
+    limit: int | None = None  # keep only the first `limit` training samples (None: all)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"  # "mlp" (flattens its input) or "cnn" (conv blocks, then global pooling)
+    widths: list[int] = field(default_factory=lambda: [100, 100, 100])  # hidden widths / conv channels
+    activation: str = "sigmoid"  # sigmoid | tanh | relu | leaky_relu | elu | silu | gelu
+    norm: str = "none"  # a normlab.get_norm name, or "none"; arms usually set this
+    placement: str = "before"  # norm "before" the activation (Ioffe & Szegedy) or "after" it
+    dropout: float = 0.0  # dropout probability after each hidden block
+    init_std: float | None = None  # std of a Gaussian weight init with zero biases; None: torch's default
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000  # optimizer steps per arm and seed
+    batch_size: int = 60  # examples per step (Ioffe & Szegedy's MNIST experiment used 60)
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    lr: float = 0.5  # learning rate
+    momentum: float = 0.0  # SGD momentum (0: plain SGD)
+    weight_decay: float = 0.0  # L2 penalty through the optimizer
+    seeds: int = 3  # seeds 0..seeds-1; arms share a seed's initial weights and batches
+    eval_every: int = 50  # evaluate on the test split every this many steps (and at step 0)
+    checkpoint_every: int = 500  # steps between checkpoints (a run resumes from the last one)
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+
+
+@dataclass
+class ExperimentConfig:
+    experiment: str  # the experiment's registry name
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm name -> dotted overrides
+    params: dict[str, Any] = field(default_factory=dict)  # experiment-specific knobs (e.g. target accuracy)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def valid_keys(config: ExperimentConfig) -> list[str]:
+    """Every dotted key an override may set, for this config (``params.*`` depend on the experiment)."""
+    keys = [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys += [f"params.{k}" for k in config.params]
+    return sorted(keys)
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["train.lr=0.1", ...]`` -> ``{"train.lr": "0.1"}``; values are typed later."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. --set train.lr=0.1), got {item!r}.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _parse_text(text: str, hint: Any) -> Any:
+    """A command-line value as TOML would read it, given the field's type.
+
+    Text for a str field stays as typed (``--set model.norm=none`` is the string "none");
+    ``none``/``null`` is None for a field that allows None; anything else is a TOML value.
+    """
+    args = typing.get_args(hint)
+    allows_none = type(None) in args or hint is Any
+    if text.lower() in ("none", "null") and allows_none:
+        return None
+    if hint is str or str in args:
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _field_type(config: ExperimentConfig, section: str, name: str) -> Any:
+    if section == "params":
+        default = config.params[name]
+        return Any if default is None else type(default)
+    return typing.get_type_hints(_SECTIONS[section])[name]
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints pass for floats; raise ConfigError."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list like [100, 100], got {value!r}.")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table/dict, got {value!r}.")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def apply_overrides(config: ExperimentConfig, overrides: dict[str, Any], *, parse: bool = True) -> ExperimentConfig:
+    """A copy of ``config`` with dotted ``overrides`` applied.
+
+    With ``parse`` (command-line text), string values are read as TOML values where the field is
+    not a string; without it (values from JSON or TOML files) they are taken as they are.
+
+    Raises:
+        ConfigError: an unknown key (the message lists the valid ones) or a value of the wrong type.
+    """
+    config = copy.deepcopy(config)
+    keys = valid_keys(config)
+    for key, raw in overrides.items():
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r}; valid keys are: {', '.join(keys)}.")
+        section, name = key.split(".", 1)
+        hint = _field_type(config, section, name)
+        value = _parse_text(raw, hint) if parse and isinstance(raw, str) else raw
+        value = _coerce(value, hint, key)
+        if section == "params":
+            config.params[name] = value
+        else:
+            setattr(getattr(config, section), name, value)
+    return config
+
+
+def arm_config(config: ExperimentConfig, arm: str) -> ExperimentConfig:
+    """The config one arm trains with: the base config plus the arm's overrides."""
+    if arm not in config.arms:
+        raise ConfigError(f"unknown arm {arm!r}; this experiment's arms are {list(config.arms)}.")
+    return apply_overrides(config, config.arms[arm])
+
+
+def load_toml_overrides(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file of overrides: tables ``[train]``, ``[model]``, ... or dotted keys."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}.") from None
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if section == "arms" and isinstance(body, dict):
+            flat["__arms__"] = body
+        elif isinstance(body, dict):
+            for name, value in body.items():
+                flat[f"{section}.{name}"] = value
+        else:
+            flat[section] = body
+    return flat
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """A JSON-ready dict of the whole config."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from :func:`config_to_dict` output (e.g. a run's ``config.json``), checking types."""
+    if "experiment" not in data:
+        raise ConfigError("a config needs an 'experiment' key naming the experiment.")
+    base = ExperimentConfig(
+        experiment=data["experiment"],
+        arms=dict(data.get("arms", {})),
+        params=dict(data.get("params", {})),
+    )
+    flat = {f"{s}.{k}": v for s in _SECTIONS for k, v in data.get(s, {}).items()}
+    return apply_overrides(base, flat, parse=False)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Write ``config.json`` atomically."""
+    from .runfiles import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(config_to_dict(config), indent=2) + "\n")

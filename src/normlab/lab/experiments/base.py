@@ -1,0 +1,131 @@
+"""What an experiment is: a claim, configs (default and quick), probes, a summary and figures.
+
+An experiment is data plus one function: it declares the claim it tests, its configurations,
+which probe values the trainer records, which figures the report draws (:class:`FigureSpec`),
+and :meth:`Experiment.summarize`, which turns ``metrics.jsonl`` rows into a :class:`Summary`
+with a verdict measured against the declared expected outcome. The report is built from the
+metrics alone, so it can always be rebuilt.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..config import ExperimentConfig
+
+__all__ = ["Experiment", "FigureSpec", "Probe", "Summary", "EXPERIMENTS", "get_experiment", "register"]
+
+
+@dataclass
+class Summary:
+    """The measured outcome of a run, in a form the report and the command line print.
+
+    Attributes:
+        experiment: the experiment's name.
+        claim: the claim tested, e.g. "C1: batch norm makes training faster".
+        verdict: "supported", "not supported" or "mixed".
+        expected: the declared expected outcome, in words.
+        met: whether the measured outcome meets the expected one (``--check`` exits 1 if not).
+        headline: one sentence with the key measured number(s).
+        columns: the summary table's header.
+        rows: the summary table's rows, already formatted as strings.
+        published: the published anchors, one line each (the paper's figure beside ours).
+        notes: further remarks (e.g. seeds that never reached the target).
+    """
+
+    experiment: str
+    claim: str
+    verdict: str
+    expected: str
+    met: bool
+    headline: str
+    columns: list[str]
+    rows: list[list[str]]
+    published: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure of the report, drawn from metrics rows by :mod:`normlab.lab.report`.
+
+    kind:
+        ``"curve"``: ``metric`` (a key of the metrics rows, e.g. ``"test_acc"``) against ``step``,
+        one line per arm (mean over seeds) with a band from the seeds' min to max.
+        ``"percentiles"``: probe values ``{probe}_p15``, ``{probe}_p50``, ``{probe}_p85`` (keys of
+        the rows' ``probes`` dict) against ``step``, one panel per arm, the 50th as a line and
+        the 15th/85th as lines around it, seeds averaged (as Ioffe & Szegedy's Fig. 1b,c).
+    """
+
+    kind: str
+    title: str
+    ylabel: str
+    metric: str = ""
+    probe: str = ""
+    caption: str = ""
+    logy: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A value recorded at every evaluation: ``fn(model)`` is called after the test pass.
+
+    ``prefix`` names the values; ``attach(model)`` installs hooks and returns a callable that
+    gives ``{name: float}`` for the last evaluation and a remover.
+    """
+
+    prefix: str
+    attach: Callable[["nn.Module"], tuple[Callable[[], dict[str, float]], Callable[[], None]]]
+
+
+class Experiment(abc.ABC):
+    """Base class: subclasses set the attributes and implement the abstract methods."""
+
+    name: str = ""
+    claim: str = ""
+    title: str = ""
+    description: str = ""
+    figures: tuple[FigureSpec, ...] = ()
+
+    @abc.abstractmethod
+    def default_config(self) -> "ExperimentConfig":
+        """See the class docstring."""
+
+    @abc.abstractmethod
+    def quick_config(self) -> "ExperimentConfig":
+        """See the class docstring."""
+
+    def probes(self, config: "ExperimentConfig", arm: str) -> list[Probe]:
+        return []
+
+    @abc.abstractmethod
+    def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:
+        """See the class docstring."""
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> Experiment:
+    """Add an experiment to the registry under its name."""
+    EXPERIMENTS[experiment.name] = experiment
+    return experiment
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment called ``name``; a ``ValueError`` lists the valid names otherwise."""
+    from . import all_experiments
+
+    all_experiments()
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid experiments are {sorted(EXPERIMENTS)} (normlab list).")
+    return EXPERIMENTS[name]
