@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "append_jsonl", "read_jsonl"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "append_jsonl", "read_jsonl", "write_jsonl"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -17,6 +18,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -25,6 +27,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -41,17 +49,37 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a torn last line (an interrupted append) is dropped."""
-    rows = []
+def read_jsonl(path: Path, *, warn: bool = True) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, in order; blank lines are ignored.
+
+    An unreadable *last* line is the torn tail of an interrupted append: it is dropped (with a
+    ``UserWarning`` when ``warn``). Any other bad line raises a ``ValueError`` naming the file
+    and the line number.
+    """
     lines = Path(path).read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows: list[dict[str, Any]] = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last:
+                if warn:
+                    warnings.warn(
+                        f"{path}: skipped line {i + 1}, a partial last line (an interrupted write?): {line[:80]!r}",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({err.msg}): {line[:80]!r}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {i + 1} must be a JSON object, got {type(row).__name__}: {line[:80]!r}")
+        rows.append(row)
     return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Replace ``path`` atomically with ``rows`` as JSON lines."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -34,7 +34,7 @@ from torch import nn
 from .config import ConfigError, ExperimentConfig, arm_config, config_to_dict, save_config
 from .data import Dataset, load_dataset
 from .experiments.base import Experiment
-from .runfiles import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from .runfiles import append_jsonl, atomic_write_bytes, read_jsonl, write_jsonl
 from .models import build_model
 
 __all__ = ["Interrupted", "RunPaths", "Trainer", "BatchSampler", "resolve_device"]
@@ -310,10 +310,10 @@ class Trainer:
 
     def _drop_rows_after(self, arm: str, seed: int, step: int) -> None:
         """Forget this job's rows written after its checkpoint (they will be written again)."""
-        rows = read_jsonl(self.paths.metrics)
+        rows = read_jsonl(self.paths.metrics, warn=False)
         keep = [r for r in rows if not (r["arm"] == arm and r["seed"] == seed and r["step"] > step)]
-        if len(keep) != len(rows):
-            atomic_write_text(self.paths.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+        # Rewriting also drops a torn last line, so that new rows never follow half a line.
+        write_jsonl(self.paths.metrics, keep)
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
