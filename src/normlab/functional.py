@@ -116,9 +116,11 @@ def _channel_innermost(x: Tensor) -> bool:
 def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (``(N, C, *)``), by a blocked two-pass method.
 
-    ``mean = sum(x) / n`` with torch's cascaded sum, then ``var = sum((x - mean)^2) / n``
-    accumulated block by block, so no full-size temporary is made and the variance cannot go
-    negative. Statistics are float32 for 16-bit input (float64 for float64 input).
+    ``mean = sum(x) / n`` with torch's cascaded sum; then, block by block (no full-size
+    temporary), the deviations ``d = x - mean`` give ``var = (sum(d^2) - sum(d)^2 / n) / n`` and
+    the corrected mean ``mean + sum(d) / n`` (the corrected two-pass algorithm), clamped at 0.
+    A constant channel gets its value as the mean and a variance of exactly 0. Statistics are
+    float32 for 16-bit input (float64 for float64 input).
 
     >>> import torch
     >>> x = torch.randn(1000, 4) + 1e4
@@ -131,44 +133,86 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     rows2d = x.movedim(1, -1).reshape(-1, channels)  # a view for channel-innermost layouts
     n = rows2d.shape[0]
     mean = rows2d.sum(0, dtype=acc) / n
-    m2 = torch.zeros(channels, dtype=acc, device=x.device)
+    dev_sum = torch.zeros(channels, dtype=acc, device=x.device)
+    dev_sq = torch.zeros(channels, dtype=acc, device=x.device)
     for block in rows2d.split(max(1, _BLOCK_ELEMENTS // channels)):
-        m2 = m2 + torch.square(block.to(acc) - mean).sum(0)
-    return mean, m2 / n
+        d = block.to(acc) - mean
+        dev_sum = dev_sum + d.sum(0)
+        dev_sq = dev_sq + torch.square(d).sum(0)
+    var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min(0)
+    return mean + dev_sum / n, var
 
 
-class _StableBatchNorm(torch.autograd.Function):
-    """Training-mode batch norm with statistics from :func:`channel_mean_var`.
+# Above this condition number |mean| / std the fused kernels' y = x*a + (beta - mean*a) loses
+# more than ~3 bits to cancellation (error ~ eps * |mean| / std); normalize subtract-first then.
+_PRECISE_CONDITION = 8.0
 
-    Forward normalizes with torch's inference kernel given those statistics; backward is torch's
-    own training-mode backward given the saved mean and 1/std, so gradients are torch's formula.
+
+def _ill_conditioned(mean: Tensor, var: Tensor, eps: float) -> bool:
+    """Whether to normalize subtract-first. Checked in eager CPU code only: elsewhere the answer
+    would cost a host synchronization (CUDA) or a data-dependent branch (compile, vmap)."""
+    if mean.device.type != "cpu" or _compiling():
+        return False
+    try:
+        return bool((mean.abs() * torch.rsqrt(var + eps)).max() > _PRECISE_CONDITION)
+    except RuntimeError:  # under torch.func transforms: no data-dependent control flow
+        return False
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _normalize_subtract_first(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``(x - mean) * (weight / sqrt(var + eps)) + bias``, with x - mean formed first (exact for
+    values near the mean), in the statistics' dtype; differentiable in x, weight and bias."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    out = (x.to(mean.dtype) - _channel_view(mean, x)) * _channel_view(scale, x)
+    if bias is not None:
+        out = out + _channel_view(bias, x)
+    return out.to(x.dtype)
+
+
+class _BatchNormGivenStats(torch.autograd.Function):
+    """Training-mode batch norm with batch statistics computed outside (no gradient through them).
+
+    Forward normalizes with torch's inference kernel, or subtract-first when the statistics are
+    ill-conditioned; backward is torch's own training-mode backward given the mean and 1/std, so
+    the gradient includes the statistics' dependence on x exactly as torch's does.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        mean, var = channel_mean_var(x)
-        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-        return out, mean, var
+    def forward(x, weight, bias, mean, var, eps, subtract_first):
+        if subtract_first:
+            return _normalize_subtract_first(x, mean, var, weight, bias, eps)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, eps = inputs
-        _, mean, var = output
+        x, weight, _, mean, var, eps, _ = inputs
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
+    def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad_out.contiguous(memory_format=_memory_format(x)),
             x, weight, None, None, mean, invstd, True, ctx.eps, mask,
         )
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -180,22 +224,30 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _batch_stats_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, want_stats: bool = True
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Training-mode forward: ``(output, batch_mean, biased batch_var)`` (stats None if not wanted)."""
-    if _channel_innermost(x) and _values_per_channel(x) >= _STABLE_MIN_ROWS:
-        return _StableBatchNorm.apply(x, weight, bias, eps)
-    if not want_stats:
-        out = torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, torch.backends.cudnn.enabled)
-        return out, None, None
-    acc = _acc_dtype(x)
-    zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-    # With momentum 1 the kernel's "new running statistics" are the batch mean and unbiased
-    # variance. The functional form returns them instead of writing into its arguments, which
-    # is what lets vmap batch this call.
-    out, _, _, mean, var = _functional_batch_norm(x, weight, bias, zeros, zeros, True, 1.0, eps)
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode forward: ``(output, batch_mean, biased batch_var)``.
+
+    torch's kernel does the work where it is accurate. Channel-innermost CPU layouts get
+    :func:`channel_mean_var` statistics instead, and ill-conditioned channels (a large mean
+    next to a small spread, e.g. a constant channel) are normalized subtract-first.
+    """
     n = _values_per_channel(x)
-    return out, mean, var * ((n - 1) / n)
+    if _channel_innermost(x) and n >= _STABLE_MIN_ROWS:
+        mean, var = channel_mean_var(x.detach())
+    else:
+        acc = _acc_dtype(x)
+        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        # With momentum 1 the kernel's "new running statistics" are the batch mean and unbiased
+        # variance. The functional form returns them instead of writing into its arguments,
+        # which is what lets vmap batch this call.
+        out, _, _, mean, var = _functional_batch_norm(x, weight, bias, zeros, zeros, True, 1.0, eps)
+        var = var * ((n - 1) / n)
+        if not _ill_conditioned(mean, var, eps):
+            return out, mean, var
+        mean, var = channel_mean_var(x.detach())  # recompute exactly (rare: constant or far-offset channels)
+    out = _BatchNormGivenStats.apply(x, weight, bias, mean, var, eps, _ill_conditioned(mean, var, eps))
+    return out, mean, var
 
 
 def _inplace_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -208,6 +260,17 @@ def _inplace_batch_norm(x, weight, bias, running_mean, running_var, training, mo
 _functional_batch_norm = getattr(
     torch.ops.aten, "_native_batch_norm_legit_functional", _inplace_batch_norm
 )
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The (empty) output for an empty batch, still connected to weight and bias, so they get
+    zero gradients as with torch and DDP sees every parameter used."""
+    out = input.clone()
+    if weight is not None:
+        out = out * _channel_view(weight, input).to(input.dtype)
+    if bias is not None:
+        out = out + _channel_view(bias, input).to(input.dtype)
+    return out
 
 
 def batch_norm(
@@ -279,15 +342,16 @@ def batch_norm(
     acc = _acc_dtype(input)
     w, b = _cast(weight, acc), _cast(bias, acc)
     if n == 0:  # an empty batch: an empty output (as torch), statistics and count untouched
-        return BatchNormResult(input.clone(), running_mean, running_var, num_batches_tracked, None)
+        return BatchNormResult(_empty_output(input, w, b), running_mean, running_var, num_batches_tracked, None)
     if not use_batch_stats:
-        out = torch.batch_norm(
-            input, w, b, running_mean.to(acc), running_var.to(acc), False, 0.0, eps,
-            torch.backends.cudnn.enabled,
-        )
+        mean, var = running_mean.to(acc), running_var.to(acc)
+        if _ill_conditioned(mean, var, eps):
+            out = _normalize_subtract_first(input, mean, var, w, b, eps)
+        else:
+            out = torch.batch_norm(input, w, b, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
     if running_mean is None:  # batch statistics, nothing to update
-        out = _batch_stats_forward(input, w, b, eps, want_stats=False)[0]
+        out = _batch_stats_forward(input, w, b, eps)[0]
         return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
 
     out, batch_mean, batch_var = _batch_stats_forward(input, w, b, eps)
@@ -354,9 +418,16 @@ def instance_norm(
         )
     acc = _acc_dtype(input)
     w, b = _cast(weight, acc), _cast(bias, acc)
-    if running_mean is None or not use_input_stats or input.numel() == 0:
+    if input.numel() == 0:
+        return InstanceNormResult(_empty_output(input, w, b), running_mean, running_var, None)
+    if acc != input.dtype and w is None and running_mean is not None:
+        # torch's kernel casts running statistics to the input's dtype unless given float32
+        # affine parameters; the identity ones keep the running averages in float32.
+        w = torch.ones(input.shape[1], dtype=acc, device=input.device)
+        b = torch.zeros_like(w)
+    if running_mean is None or not use_input_stats:
         rm, rv = _cast(running_mean, acc), _cast(running_var, acc)
-        out = F.instance_norm(input, rm, rv, w, b, use_input_stats, momentum, eps) if input.numel() else input.clone()
+        out = F.instance_norm(input, rm, rv, w, b, use_input_stats, momentum, eps)
         return InstanceNormResult(out, running_mean, running_var, None)
     rm, rv = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     out = F.instance_norm(input, rm, rv, w, b, True, momentum, eps)

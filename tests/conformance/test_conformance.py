@@ -336,12 +336,6 @@ def test_gradcheck(case: LayerCase, training):
 # 7. float16 / bfloat16
 # --------------------------------------------------------------------------------------------
 
-INSTANCE_HALF_STATS_BUG = (
-    "BUG: InstanceNorm(track_running_stats=True, affine=False) on 16-bit input updates its float32 "
-    "running statistics through the input dtype (torch's aten instance_norm casts running_mean/var "
-    "to the input dtype when weight is None): they differ from the float32 layer's by ~1 ulp of "
-    "float16/bfloat16 after one step (2e-4 / 2e-3 at 0.4)"
-)
 
 half_dtypes = pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 
@@ -352,8 +346,6 @@ half_dtypes = pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], i
 @pytest.mark.parametrize("convert", [False, True], ids=["f32-layer", "converted-layer"])
 def test_half_precision_input(case: LayerCase, half, training, convert, request):
     """16-bit input: output in the input's dtype, close to float32; statistics stay float32."""
-    if training and case.family == "instance" and case.has_running_stats and "affine=False" in case.name:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=INSTANCE_HALF_STATS_BUG))
     shape = case.shapes[0]
     x16 = sample_input(shape, seed_of("half", case.name), half)
     ref_layer = build(case, shape).train(training)  # float32 layer on the same (rounded) values
@@ -417,24 +409,7 @@ def test_empty_batch(case: LayerCase, training):
             assert torch.equal(getattr(layer, name), getattr(theirs, name))
 
 
-def _empty_grads_bug(case: LayerCase) -> bool:
-    # See the xfail reason: batch and instance norm return input.clone() for an empty batch.
-    return case.family in ("batch", "instance") and "affine=True" in case.name
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: an empty batch returns input.clone(), cut off from weight and bias, so "
-                   "their .grad stays None where torch gives zeros (DDP without "
-                   "find_unused_parameters then fails: 'parameters that were not used')",
-        )) if _empty_grads_bug(c) else c
-        for c in cases_where(lambda c: c.has_torch)
-    ],
-    ids=ids(cases_where(lambda c: c.has_torch)),
-)
+@pytest.mark.parametrize("case", cases_where(lambda c: c.has_torch), ids=ids(cases_where(lambda c: c.has_torch)))
 @modes
 def test_empty_batch_parameter_gradients_are_zero(case: LayerCase, training):
     shape = (0,) + case.shapes[0][1:]

@@ -170,13 +170,6 @@ def _train_at_mean_100(layer: nn.Module, shape, steps: int, dtype) -> np.ndarray
     return rm
 
 
-_INSTANCE_HALF_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: InstanceNorm with track_running_stats=True and affine=False rounds its running "
-           "statistics through the input's 16-bit dtype on every update (torch's aten instance_norm "
-           "casts running_mean/var to the input dtype when weight is None), so the float32 buffers "
-           "hold a float16 EMA that stalls at 97.25 for data with mean 100",
-)
 
 
 @pytest.mark.parametrize(
@@ -185,8 +178,7 @@ _INSTANCE_HALF_BUG = pytest.mark.xfail(
         (lambda: normlab.BatchNorm1d(8, momentum=0.02), (64, 8)),
         (lambda: normlab.BatchNorm2d(4, momentum=0.02), (8, 4, 4, 4)),
         (lambda: normlab.InstanceNorm1d(4, momentum=0.02, affine=True, track_running_stats=True), (8, 4, 16)),
-        pytest.param(lambda: normlab.InstanceNorm1d(4, momentum=0.02, track_running_stats=True), (8, 4, 16),
-                     marks=_INSTANCE_HALF_BUG),
+        pytest.param(lambda: normlab.InstanceNorm1d(4, momentum=0.02, track_running_stats=True), (8, 4, 16)),
     ],
     ids=["bn1d", "bn2d", "in1d-affine", "in1d-no-affine"],
 )
@@ -256,13 +248,6 @@ def test_constant_channel_at_large_offset_is_finite(layout, shift):
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: normalization is x * a + (beta - mean * a) with a = gamma / sqrt(var + eps) "
-           "(torch's batch_norm kernel, also used after normlab's blocked statistics), so a "
-           "constant channel c gives beta + O(ulp(c * a)) instead of beta: c=1e6, gamma=1.5, "
-           "beta=0.25 gives 10.8 (bn1d, channels_last) or 13.8 (NCHW)",
-)
 @pytest.mark.parametrize("layout", list(_OFFSET_LAYOUTS))
 @pytest.mark.parametrize("shift", [1e4, 1e5, 1e6])
 def test_constant_channel_at_large_offset_gives_exactly_beta(layout, shift):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import stats as _stats
+from ..functional import _compiling
 
 __all__ = ["NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer", "name_layers"]
 
@@ -155,11 +156,6 @@ class RunningStatsLayer(NormLayer):
         if not mode and self.training and self.on_nonfinite == "warn":
             self._report_skips()  # deferred report for accelerators: one synchronization per switch
         return super().train(mode)
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
 def check_momentum(owner: str, momentum: float | None) -> None:
