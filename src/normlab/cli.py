@@ -121,9 +121,9 @@ def _cmd_run(args) -> int:
 
     experiment, config = _resolve_config(args)
     run_dir = _run_dir(args, config)
-    print(f"normlab: {experiment.name}: {len(config.arms)} arms x {config.train.seeds} seeds x "
-          f"{config.train.steps} steps on {config.data.name} -> {run_dir}", file=sys.stderr)
     trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"normlab: {experiment.name}: {len(config.arms)} arms x {config.train.seeds} seeds x "
+          f"{config.train.steps} steps on {config.data.name} ({trainer.device}) -> {run_dir}", file=sys.stderr)
     try:
         trainer.run()
     except Interrupted as stop:
