@@ -51,8 +51,9 @@ __all__ = [
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-# Rows per block in channel_mean_var: about 1 MiB of float32 per block keeps each block in cache.
-_BLOCK_ELEMENTS = 1 << 18
+# Values per block in channel_mean_var (4 MiB of float32): large enough that the per-block calls
+# cost little, small enough to stay in cache between the block's passes.
+_BLOCK_ELEMENTS = 1 << 20
 # Below this many values per channel torch's naive channel-innermost sum is as accurate as ours
 # (error ~ rows * eps at worst), and the blocked path's extra calls would cost more than they save.
 _STABLE_MIN_ROWS = 256
@@ -133,19 +134,31 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     rows2d = x.movedim(1, -1).reshape(-1, channels)  # a view for channel-innermost layouts
     n = rows2d.shape[0]
     mean = rows2d.sum(0, dtype=acc) / n
+    block_rows = max(1, _BLOCK_ELEMENTS // channels)
+    if _transformed(x):  # torch.func transforms cannot write into plain buffers: no out= here
+        dev_sum, dev_sq = 0, 0
+        for block in rows2d.split(block_rows):
+            d = block.to(acc) - mean
+            dev_sum, dev_sq = dev_sum + d.sum(0), dev_sq + torch.square(d).sum(0)
+        var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min(0)
+        return mean + dev_sum / n, var
+    # One cache-sized buffer reused for every block: no allocation (and no page faults) per block.
+    buffer = torch.empty(min(block_rows, n), channels, dtype=acc, device=x.device)
+    partial = torch.empty(channels, dtype=acc, device=x.device)
     dev_sum = torch.zeros(channels, dtype=acc, device=x.device)
     dev_sq = torch.zeros(channels, dtype=acc, device=x.device)
-    for block in rows2d.split(max(1, _BLOCK_ELEMENTS // channels)):
-        d = block.to(acc) - mean
-        dev_sum = dev_sum + d.sum(0)
-        dev_sq = dev_sq + torch.square(d).sum(0)
-    var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min(0)
+    for block in rows2d.split(block_rows):
+        d = buffer[: block.shape[0]]
+        torch.sub(block, mean, out=d)
+        dev_sum.add_(torch.sum(d, 0, out=partial))
+        dev_sq.add_(torch.sum(d.square_(), 0, out=partial))
+    var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min_(0)
     return mean + dev_sum / n, var
 
 
 # Above this condition number |mean| / std the fused kernels' y = x*a + (beta - mean*a) loses
-# more than ~3 bits to cancellation (error ~ eps * |mean| / std); normalize subtract-first then.
-_PRECISE_CONDITION = 8.0
+# more than ~5 bits to cancellation (error ~ eps * |mean| / std); normalize subtract-first then.
+_PRECISE_CONDITION = 32.0
 
 
 def _ill_conditioned(mean: Tensor, var: Tensor, eps: float) -> bool:
@@ -157,6 +170,13 @@ def _ill_conditioned(mean: Tensor, var: Tensor, eps: float) -> bool:
         return bool((mean.abs() * torch.rsqrt(var + eps)).max() > _PRECISE_CONDITION)
     except RuntimeError:  # under torch.func transforms: no data-dependent control flow
         return False
+
+
+def _transformed(x: Tensor) -> bool:
+    """Whether ``x`` is wrapped by a torch.func transform (vmap, grad, ...)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    check = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(x))
 
 
 def _compiling() -> bool:
@@ -171,14 +191,12 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
 def _normalize_subtract_first(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """``(x - mean) * (weight / sqrt(var + eps)) + bias``, with x - mean formed first (exact for
-    values near the mean), in the statistics' dtype; differentiable in x, weight and bias."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    out = (x.to(mean.dtype) - _channel_view(mean, x)) * _channel_view(scale, x)
-    if bias is not None:
-        out = out + _channel_view(bias, x)
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with ``x - mean`` formed first, which is
+    exact for values near the mean, then torch's inference kernel; differentiable in x, weight
+    and bias. 16-bit input is shifted in float32."""
+    shifted = x.to(mean.dtype) - _channel_view(mean, x)
+    out = torch.batch_norm(shifted, weight, bias, torch.zeros_like(mean), var, False, 0.0, eps,
+                           torch.backends.cudnn.enabled)
     return out.to(x.dtype)
 
 
@@ -235,19 +253,29 @@ def _batch_stats_forward(
     n = _values_per_channel(x)
     if _channel_innermost(x) and n >= _STABLE_MIN_ROWS:
         mean, var = channel_mean_var(x.detach())
-    else:
-        acc = _acc_dtype(x)
-        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-        # With momentum 1 the kernel's "new running statistics" are the batch mean and unbiased
-        # variance. The functional form returns them instead of writing into its arguments,
-        # which is what lets vmap batch this call.
-        out, _, _, mean, var = _functional_batch_norm(x, weight, bias, zeros, zeros, True, 1.0, eps)
-        var = var * ((n - 1) / n)
-        if not _ill_conditioned(mean, var, eps):
-            return out, mean, var
-        mean, var = channel_mean_var(x.detach())  # recompute exactly (rare: constant or far-offset channels)
-    out = _BatchNormGivenStats.apply(x, weight, bias, mean, var, eps, _ill_conditioned(mean, var, eps))
+        out = _BatchNormGivenStats.apply(x, weight, bias, mean, var, eps, _ill_conditioned(mean, var, eps))
+        return out, mean, var
+    out, mean, var = _native_training_forward(x, weight, bias, eps)
+    if _ill_conditioned(mean, var, eps):
+        # Batch norm does not change when a constant is subtracted per channel (nor do its
+        # gradients), so run the kernel again on x - mean, where it loses nothing (rare: a
+        # constant channel, or a large offset next to a small spread).
+        shift = mean.detach()
+        out, mean, var = _native_training_forward(x.to(shift.dtype) - _channel_view(shift, x), weight, bias, eps)
+        out, mean = out.to(x.dtype), mean + shift
     return out, mean, var
+
+
+def _native_training_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    n = _values_per_channel(x)
+    zeros = torch.zeros(x.shape[1], dtype=_acc_dtype(x), device=x.device)
+    # With momentum 1 the kernel's "new running statistics" are the batch mean and unbiased
+    # variance. The functional form returns them instead of writing into its arguments, which
+    # is what lets vmap batch this call.
+    out, _, _, mean, var = _functional_batch_norm(x, weight, bias, zeros, zeros, True, 1.0, eps)
+    return out, mean, var * ((n - 1) / n)
 
 
 def _inplace_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
