@@ -92,7 +92,8 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+    # Checking first is cheaper than Tensor.to's own no-op path, on every call of every layer.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _check_per_channel(x: Tensor, channels: int, where: str, **tensors: Tensor | None) -> None:
@@ -166,8 +167,9 @@ def _ill_conditioned(mean: Tensor, var: Tensor, eps: float) -> bool:
     would cost a host synchronization (CUDA) or a data-dependent branch (compile, vmap)."""
     if mean.device.type != "cpu" or _compiling():
         return False
-    try:
-        return bool((mean.abs() * torch.rsqrt(var + eps)).max() > _PRECISE_CONDITION)
+    try:  # |mean| / sqrt(var + eps) > K  <=>  mean^2 - K^2 var > K^2 eps, in few small ops
+        limit = _PRECISE_CONDITION**2
+        return float(mean.square().sub_(var, alpha=limit).max()) > limit * eps
     except RuntimeError:  # under torch.func transforms: no data-dependent control flow
         return False
 
@@ -242,7 +244,7 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _batch_stats_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, stable_stats: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode forward: ``(output, batch_mean, biased batch_var)``.
 
@@ -251,7 +253,7 @@ def _batch_stats_forward(
     next to a small spread, e.g. a constant channel) are normalized subtract-first.
     """
     n = _values_per_channel(x)
-    if _channel_innermost(x) and n >= _STABLE_MIN_ROWS:
+    if stable_stats and _channel_innermost(x) and n >= _STABLE_MIN_ROWS:
         mean, var = channel_mean_var(x.detach())
         out = _BatchNormGivenStats.apply(x, weight, bias, mean, var, eps, _ill_conditioned(mean, var, eps))
         return out, mean, var
@@ -313,6 +315,7 @@ def batch_norm(
     *,
     num_batches_tracked: Tensor | None = None,
     unbiased: bool = True,
+    stable_stats: bool = True,
 ) -> BatchNormResult:
     """Batch normalization over all dimensions but the channel dimension 1.
 
@@ -331,6 +334,9 @@ def batch_norm(
         eps: added to the variance. Default 1e-5 as torch.
         num_batches_tracked: int64 scalar tensor, batches already in the running statistics.
         unbiased: store the unbiased batch variance in ``running_var`` (torch's convention).
+        stable_stats: on the CPU, compute the batch statistics of channel-innermost input (2-D,
+            channels_last) with :func:`channel_mean_var`, as accurate as NCHW input, at some
+            cost in time; False uses torch's kernel and its accuracy (see benchmarks/README.md).
 
     Returns:
         :class:`BatchNormResult` ``(output, running_mean, running_var, num_batches_tracked, updated)``.
@@ -372,26 +378,28 @@ def batch_norm(
     if n == 0:  # an empty batch: an empty output (as torch), statistics and count untouched
         return BatchNormResult(_empty_output(input, w, b), running_mean, running_var, num_batches_tracked, None)
     if not use_batch_stats:
-        mean, var = running_mean.to(acc), running_var.to(acc)
+        mean, var = _cast(running_mean, acc), _cast(running_var, acc)
         if _ill_conditioned(mean, var, eps):
             out = _normalize_subtract_first(input, mean, var, w, b, eps)
         else:
             out = torch.batch_norm(input, w, b, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
     if running_mean is None:  # batch statistics, nothing to update
-        out = _batch_stats_forward(input, w, b, eps)[0]
+        out = _batch_stats_forward(input, w, b, eps, stable_stats)[0]
         return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
 
-    out, batch_mean, batch_var = _batch_stats_forward(input, w, b, eps)
+    out, batch_mean, batch_var = _batch_stats_forward(input, w, b, eps, stable_stats)
     count = num_batches_tracked if num_batches_tracked is not None else 0
     new_mean, new_var = update_running_stats(
         running_mean, running_var, batch_mean, batch_var, n, momentum, count, unbiased
     )
-    updated = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+    # A sum times zero is zero exactly when every term is finite (NaN and inf give NaN); an
+    # overflowing sum would be a lost batch anyway. Fewer small ops than isfinite().all().
+    updated = torch.sum(batch_mean + batch_var).mul_(0) == 0
     # torch.where keeps the last good statistics without asking the host which branch to take.
     new_mean = torch.where(updated, new_mean, running_mean)
     new_var = torch.where(updated, new_var, running_var)
-    new_count = None if num_batches_tracked is None else num_batches_tracked + updated.to(num_batches_tracked.dtype)
+    new_count = None if num_batches_tracked is None else num_batches_tracked + updated
     return BatchNormResult(out, new_mean, new_var, new_count, updated)
 
 

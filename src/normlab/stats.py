@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -97,8 +98,11 @@ def check_momentum(momentum: float | None, *, owner: str = "momentum") -> None:
 
 
 def ema(running: Tensor, batch: Tensor, momentum: float | Tensor) -> Tensor:
-    """Exponential moving average, torch's meaning: ``(1 - momentum) * running + momentum * batch``."""
-    return (1.0 - momentum) * running + momentum * batch
+    """Exponential moving average, torch's meaning: ``(1 - momentum) * running + momentum * batch``.
+
+    Computed as one ``lerp`` (``running + momentum * (batch - running)``), equal up to rounding.
+    """
+    return torch.lerp(running, batch, momentum)
 
 
 def cumulative_average(running: Tensor, batch: Tensor, count_before: Tensor | int) -> Tensor:
@@ -144,8 +148,10 @@ def update_running_stats(
         ``(new_running_mean, new_running_var)`` in the running statistics' dtype.
     """
     var = unbiased_var(batch_var, n) if unbiased else batch_var
-    batch_mean = batch_mean.to(running_mean.dtype)
-    var = var.to(running_var.dtype)
+    if batch_mean.dtype != running_mean.dtype:
+        batch_mean = batch_mean.to(running_mean.dtype)
+    if var.dtype != running_var.dtype:
+        var = var.to(running_var.dtype)
     if momentum is None:
         return (
             cumulative_average(running_mean, batch_mean, num_batches_tracked),

@@ -135,9 +135,13 @@ class RunningStatsLayer(NormLayer):
         with torch.no_grad():
             self.running_mean.copy_(running_mean)
             self.running_var.copy_(running_var)
-            self.num_batches_skipped.add_((~updated).to(torch.long))
-        if self.on_nonfinite == "warn" and updated.device.type == "cpu" and not _compiling():
-            self._report_skips()
+            if updated.device.type == "cpu" and not _compiling():
+                if not bool(updated):  # free on the CPU: count and warn at once
+                    self.num_batches_skipped.add_(1)
+                    if self.on_nonfinite == "warn":
+                        self._report_skips()
+            else:  # accelerators: count on the device, report when leaving training mode
+                self.num_batches_skipped.add_(~updated)
 
     def _report_skips(self) -> None:
         skipped = int(self.num_batches_skipped)

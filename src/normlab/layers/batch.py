@@ -10,7 +10,8 @@ Same constructor arguments, defaults, attributes, state-dict keys and numbers as
 * ``unbiased``: store the unbiased batch variance in ``running_var`` (True, torch's convention)
   or the biased one (Keras, Flax).
 * float16/bfloat16 input is normalized with float32 statistics; running statistics stay float32.
-* CPU channels_last and 2-D input get statistics as accurate as NCHW input.
+* CPU channels_last and 2-D input get statistics as accurate as NCHW input (``stable_stats``,
+  default True; False takes torch's faster, less accurate kernel for those layouts).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class _BatchNormMixin(RunningStatsLayer):
         single_sample: SingleSample = "error",
         on_nonfinite: Literal["warn", "skip", "raise"] = "warn",
         unbiased: bool = True,
+        stable_stats: bool = True,
     ) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "num_features", num_features)
@@ -52,6 +54,7 @@ class _BatchNormMixin(RunningStatsLayer):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.single_sample = single_sample
         self.unbiased = bool(unbiased)
+        self.stable_stats = bool(stable_stats)
         self._init_options(on_nonfinite, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -78,6 +81,7 @@ class _BatchNormMixin(RunningStatsLayer):
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked,
             unbiased=self.unbiased,
+            stable_stats=self.stable_stats,
         )
         if result.updated is not None:
             self._store_stats(result.running_mean, result.running_var, result.updated)
@@ -95,7 +99,8 @@ class _BatchNormMixin(RunningStatsLayer):
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
-        for key, default in (("single_sample", "error"), ("on_nonfinite", "warn"), ("unbiased", True)):
+        for key, default in (("single_sample", "error"), ("on_nonfinite", "warn"), ("unbiased", True),
+                             ("stable_stats", True)):
             if getattr(self, key) != default:
                 extra += f", {key}={getattr(self, key)!r}"
         return extra
@@ -114,7 +119,7 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
             cumulative average.
         affine: learn ``weight`` (γ, init 1) and ``bias`` (β, init 0).
         track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
-        single_sample, on_nonfinite, unbiased: see :mod:`normlab.layers.batch`.
+        single_sample, on_nonfinite, unbiased, stable_stats: see :mod:`normlab.layers.batch`.
 
     >>> import torch, normlab
     >>> bn = normlab.BatchNorm1d(3)
