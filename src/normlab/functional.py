@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,6 +52,9 @@ __all__ = [
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The ``updated`` flag of the CPU fast path, where the answer is known on the host; shared, so
+# treat result flags as read-only.
+_TRUE = torch.ones((), dtype=torch.bool)
 # Values per block in channel_mean_var (4 MiB of float32): large enough that the per-block calls
 # cost little, small enough to stay in cache between the block's passes.
 _BLOCK_ELEMENTS = 1 << 20
@@ -174,16 +178,18 @@ def _ill_conditioned(mean: Tensor, var: Tensor, eps: float) -> bool:
         return False
 
 
+_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def _transformed(x: Tensor) -> bool:
-    """Whether ``x`` is wrapped by a torch.func transform (vmap, grad, ...)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    check = getattr(functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check is not None and check(x))
+    """Whether ``x`` is wrapped by a torch.func transform (vmap, grad, ...). Never while
+    torch.compile traces (it handles the transforms itself and cannot trace the check)."""
+    return _is_functorch_wrapped is not None and not _compiling() and _is_functorch_wrapped(x)
 
 
 def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+    return _is_compiling is not None and _is_compiling()
 
 
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
@@ -278,6 +284,34 @@ def _native_training_forward(
     # is what lets vmap batch this call.
     out, _, _, mean, var = _functional_batch_norm(x, weight, bias, zeros, zeros, True, 1.0, eps)
     return out, mean, var * ((n - 1) / n)
+
+
+def _kernel_updates_stats(x, weight, bias, running_mean, running_var, momentum, eps, stable_stats):
+    """The common case in one kernel call: torch's training kernel updates copies of the running
+    statistics with torch's own momentum rule, so the numbers are torch's to the bit.
+
+    Returns ``(output, new_mean, new_var, updated)``, or None where another path must serve:
+    under torch.func transforms (the kernel writes into its arguments), for the blocked
+    statistics of channel-innermost input, for ill-conditioned channels, and (on the CPU) for a
+    batch with non-finite statistics.
+    """
+    if _transformed(x) or (stable_stats and _channel_innermost(x) and _values_per_channel(x) >= _STABLE_MIN_ROWS):
+        return None
+    acc = _acc_dtype(x)
+    mean = running_mean.clone() if running_mean.dtype == acc else running_mean.to(acc)
+    var = running_var.clone() if running_var.dtype == acc else running_var.to(acc)
+    out, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, mean, var, True, momentum, eps)
+    mean, var = _cast(mean, running_mean.dtype), _cast(var, running_var.dtype)
+    if x.device.type == "cpu" and not _compiling():
+        # One number answers both questions on the CPU: the largest |mean| / std is finite
+        # exactly when the statistics are, and says whether the kernel lost precision. NumPy
+        # computes it on these few values in a fraction of torch's per-call cost.
+        worst = float(np.max(np.abs(save_mean.detach().numpy() * save_invstd.detach().numpy())))
+        if not worst <= _PRECISE_CONDITION:
+            return None
+        return out, mean, var, _TRUE
+    updated = torch.sum(save_mean + save_invstd).mul_(0) == 0  # see batch_norm
+    return out, torch.where(updated, mean, running_mean), torch.where(updated, var, running_var), updated
 
 
 def _inplace_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -387,6 +421,13 @@ def batch_norm(
     if running_mean is None:  # batch statistics, nothing to update
         out = _batch_stats_forward(input, w, b, eps, stable_stats)[0]
         return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+
+    if isinstance(momentum, float) and unbiased:
+        fast = _kernel_updates_stats(input, w, b, running_mean, running_var, momentum, eps, stable_stats)
+        if fast is not None:
+            out, new_mean, new_var, updated = fast
+            new_count = None if num_batches_tracked is None else num_batches_tracked + (1 if updated is _TRUE else updated)
+            return BatchNormResult(out, new_mean, new_var, new_count, updated)
 
     out, batch_mean, batch_var = _batch_stats_forward(input, w, b, eps, stable_stats)
     count = num_batches_tracked if num_batches_tracked is not None else 0

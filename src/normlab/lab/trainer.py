@@ -248,7 +248,7 @@ class Trainer:
             model.train()
             started = time.perf_counter()
             while step < steps:
-                idx = sampler.next().to(self.device)
+                idx = sampler.next()  # CPU indices also index tensors on an accelerator
                 loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import stats as _stats
-from ..functional import _compiling
+from ..functional import _TRUE, _compiling
 
 __all__ = ["NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer", "name_layers"]
 
@@ -132,16 +132,19 @@ class RunningStatsLayer(NormLayer):
                 f"in an earlier layer); the running statistics were left unchanged. Construct the "
                 f"layer with on_nonfinite='warn' or 'skip' to continue past such batches."
             )
-        with torch.no_grad():
-            self.running_mean.copy_(running_mean)
-            self.running_var.copy_(running_var)
-            if updated.device.type == "cpu" and not _compiling():
-                if not bool(updated):  # free on the CPU: count and warn at once
-                    self.num_batches_skipped.add_(1)
-                    if self.on_nonfinite == "warn":
-                        self._report_skips()
-            else:  # accelerators: count on the device, report when leaving training mode
-                self.num_batches_skipped.add_(~updated)
+        buffers = self._buffers
+        # Running statistics carry no gradient; detach() is cheaper than a no_grad() block.
+        buffers["running_mean"].copy_(running_mean.detach())
+        buffers["running_var"].copy_(running_var.detach())
+        if updated is _TRUE:  # the CPU fast path's answer, known on the host
+            return
+        if updated.device.type == "cpu" and not _compiling():
+            if not bool(updated):  # free on the CPU: count and warn at once
+                buffers["num_batches_skipped"].add_(1)
+                if self.on_nonfinite == "warn":
+                    self._report_skips()
+        else:  # accelerators: count on the device, report when leaving training mode
+            buffers["num_batches_skipped"].add_(~updated)
 
     def _report_skips(self) -> None:
         skipped = int(self.num_batches_skipped)

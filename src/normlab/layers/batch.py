@@ -64,7 +64,11 @@ class _BatchNormMixin(RunningStatsLayer):
                 f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
                 f"of shape {tuple(input.shape)}; check the preceding layer's output size."
             )
-        tracking = self.running_mean is not None and self.running_var is not None
+        # Read parameters and buffers from their dicts: Module.__getattr__ costs microseconds a
+        # call, and this runs for every layer at every step.
+        buffers, params = self._buffers, self._parameters
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        tracking = running_mean is not None and running_var is not None
         use_batch_stats = self.training or not tracking
         if use_batch_stats and input.numel() == input.shape[1] and input.numel() > 0:
             if not (self.single_sample == "running" and tracking):
@@ -72,20 +76,20 @@ class _BatchNormMixin(RunningStatsLayer):
             use_batch_stats = False  # normalize with the running statistics, leave them as they are
         result = NF.batch_norm(
             input,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
-            self.weight,
-            self.bias,
+            running_mean if tracking else None,
+            running_var if tracking else None,
+            params["weight"],
+            params["bias"],
             training=use_batch_stats,
             momentum=self.momentum,
             eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked,
+            num_batches_tracked=buffers["num_batches_tracked"],
             unbiased=self.unbiased,
             stable_stats=self.stable_stats,
         )
         if result.updated is not None:
             self._store_stats(result.running_mean, result.running_var, result.updated)
-            self.num_batches_tracked.copy_(result.num_batches_tracked)
+            buffers["num_batches_tracked"].copy_(result.num_batches_tracked)
         return result.output
 
     def _single_sample_message(self, input: Tensor) -> str:
