@@ -233,12 +233,45 @@ class _BatchNormGivenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(x)),
-            x, weight, None, None, mean, invstd, True, ctx.eps, mask,
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        if torch.is_grad_enabled():  # create_graph=True: torch's backward has a double backward
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]),
+            )
+            return gx, gw, gb, None, None, None, None
+        gx, _, _ = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [ctx.needs_input_grad[0], False, False],
         )
+        gw = gb = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # torch's kernel sums channel-innermost gradients naively; these sums are blocked.
+            sum_dy, sum_dy_centered = _channel_grad_sums(grad_out, x, mean)
+            gw = (sum_dy_centered * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            gb = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None, None
+
+
+def _channel_grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` of channel-innermost tensors, with
+    torch's cascaded sum and the blocked, buffered scheme of :func:`channel_mean_var`."""
+    channels, acc = x.shape[1], mean.dtype
+    rows_dy = dy.movedim(1, -1).reshape(-1, channels)
+    rows_x = x.movedim(1, -1).reshape(-1, channels)
+    sum_dy = rows_dy.sum(0, dtype=acc)
+    block_rows = max(1, _BLOCK_ELEMENTS // channels)
+    if _transformed(x):
+        dot = 0
+        for xb, dyb in zip(rows_x.split(block_rows), rows_dy.split(block_rows)):
+            dot = dot + ((xb.to(acc) - mean) * dyb).sum(0)
+        return sum_dy, dot
+    buffer = torch.empty(min(block_rows, rows_x.shape[0]), channels, dtype=acc, device=x.device)
+    partial = torch.empty(channels, dtype=acc, device=x.device)
+    dot = torch.zeros(channels, dtype=acc, device=x.device)
+    for xb, dyb in zip(rows_x.split(block_rows), rows_dy.split(block_rows)):
+        d = buffer[: xb.shape[0]]
+        torch.sub(xb, mean, out=d)
+        dot.add_(torch.sum(d.mul_(dyb), 0, out=partial))
+    return sum_dy, dot
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -280,12 +280,6 @@ def test_channels_last_accuracy_vs_reference():
     assert last < 2e-6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: channels_last weight/bias gradients are ~8x less accurate than NCHW ones: the "
-           "backward is torch's native_batch_norm_backward, whose channel-innermost sums of dy and "
-           "dy * x_hat are naive; normlab's blocked method covers only the forward statistics",
-)
 def test_channels_last_parameter_gradients_as_accurate_as_nchw():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(16, 16, 28, 28, generator=g) * 2 + 3
