@@ -175,3 +175,23 @@ def test_half_input_statistics_in_float32():
     assert r.running_mean.dtype == torch.float32
     true_mean = x.double().mean((0, 2, 3))
     np.testing.assert_allclose(_np(r.running_mean), _np(0.1 * true_mean), rtol=1e-5)
+
+
+_OTHER_NORMS = {
+    "layer_norm": (lambda x: NF.layer_norm(x, 5), lambda x: R.layer_norm(x, 5)),
+    "group_norm": (lambda x: NF.group_norm(x, 2), lambda x: R.group_norm(x, 2)),
+    "instance_norm": (lambda x: NF.instance_norm(x).output, lambda x: R.instance_norm(x)[0]),
+    "rms_norm": (lambda x: NF.rms_norm(x, 5), lambda x: R.rms_norm(x, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_NORMS))
+def test_other_norms_under_vmap_and_compile(name):
+    torch._dynamo.reset()
+    ours, reference = _OTHER_NORMS[name]
+    xs = torch.randn(3, 4, 4, 5)  # three (N=4, C=4, L=5) inputs
+    batched = vmap(ours)(xs)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)(xs[0])
+    for i in range(3):
+        np.testing.assert_allclose(_np(batched[i]), reference(_np(xs[i])), atol=2e-5)
+    np.testing.assert_allclose(_np(compiled), reference(_np(xs[0])), atol=2e-5)
