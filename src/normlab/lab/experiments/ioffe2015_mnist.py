@@ -43,6 +43,20 @@ def _steps_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
     return None
 
 
+def _speedups(reach: dict[str, dict[int, int | None]], seeds: list[int], steps: int) -> list[float]:
+    """Per seed, steps of the plain arm over steps of the batch-norm arm to the target; a plain
+    arm that never got there counts at ``steps`` (a lower bound). Seeds where BN never got there
+    are left out (the headline then says how many seeds remain)."""
+    if "none" not in reach or "batch" not in reach:
+        return []
+    ratios = []
+    for s in seeds:
+        if s in reach["none"] and reach["batch"].get(s) is not None:
+            base = reach["none"][s]
+            ratios.append((base if base is not None else steps) / reach["batch"][s])
+    return ratios
+
+
 def _drift(rows: list[dict[str, Any]], probe: str) -> float | None:
     """How far the probe's median wanders after the first evaluation, in units of its mean 15-85 spread."""
     medians = [r["probes"].get(f"{probe}_p50") for r in rows if r["step"] > 0]
@@ -84,12 +98,14 @@ class IoffeMnist(Experiment):
             train=TrainConfig(steps=5000, batch_size=60, optimizer="sgd", lr=1.0, seeds=5, eval_every=50,
                               checkpoint_every=500),
             arms={"none": {"model.norm": "none"}, "batch": {"model.norm": "batch"}},
-            params={"target_accuracy": 0.9, "min_speedup": 3.0},
+            # 85% is well below both arms' plateau (about 92% on 4,000 training digits); near the
+            # plateau both arms crawl and the ratio of steps says little (see the report's notes).
+            params={"target_accuracy": 0.85, "min_speedup": 3.0, "other_targets": [0.8, 0.88, 0.9]},
         )
 
     def quick_config(self) -> ExperimentConfig:
         return apply_overrides(self.default_config(), {
-            "train.steps": 1500, "train.seeds": 3, "train.eval_every": 25, "params.target_accuracy": 0.85,
+            "train.steps": 1500, "train.seeds": 3, "train.eval_every": 25,
         })
 
     def probes(self, config: ExperimentConfig, arm: str) -> list[Probe]:
@@ -127,22 +143,28 @@ class IoffeMnist(Experiment):
                     notes.append(f"arm {arm!r}, seed {s} never reached {target:.0%} in {steps} steps; "
                                  f"its ratio counts it at {steps} steps (a lower bound on the speed-up).")
 
-        ratios, met, verdict, headline = [], False, "not supported", "too few jobs to compare"
-        if "none" in reach and "batch" in reach:
-            for s in seeds:
-                base, bn = reach["none"].get(s, None), reach["batch"].get(s, None)
-                if s in reach["none"] and s in reach["batch"] and bn is not None:
-                    ratios.append((base if base is not None else steps) / bn)
-            if ratios:
-                gm, low, high = geometric_mean_ci(ratios)
-                met = gm >= min_speedup and len(ratios) == len(seeds) >= 3
-                verdict = "supported" if met and low > 1 else "mixed" if gm > 1 else "not supported"
-                headline = (f"batch norm reached {target:.0%} test accuracy in {gm:.1f}x fewer steps than no "
-                            f"norm (geometric mean over {len(ratios)} seeds, 95% CI {low:.1f}x to {high:.1f}x; "
-                            f"per seed: {', '.join(f'{r:.1f}x' for r in ratios)}).")
-                table.append(["speed-up (none / batch)", "", f"{gm:.1f}x [{low:.1f}, {high:.1f}]", "", ""])
-            else:
-                headline = f"the batch-norm arm never reached {target:.0%} test accuracy"
+        ratios = _speedups(reach, seeds, steps)
+        met, verdict, headline = False, "not supported", "too few jobs to compare"
+        if ratios:
+            gm, low, high = geometric_mean_ci(ratios)
+            met = gm >= min_speedup and len(ratios) == len(seeds) >= 3
+            verdict = "supported" if met and low > 1 else "mixed" if gm > 1 else "not supported"
+            headline = (f"batch norm reached {target:.0%} test accuracy in {gm:.1f}x fewer steps than no "
+                        f"norm (geometric mean over {len(ratios)} seeds, 95% CI {low:.1f}x to {high:.1f}x; "
+                        f"per seed: {', '.join(f'{r:.1f}x' for r in ratios)}).")
+            table.append(["speed-up (none / batch)", "", f"{gm:.1f}x [{low:.1f}, {high:.1f}]", "", ""])
+        elif "batch" in reach:
+            headline = f"the batch-norm arm never reached {target:.0%} test accuracy"
+        sweep = []
+        for other in params.get("other_targets", []):
+            other_reach = {arm: {s: _steps_to_target(by_job[(arm, s)], other) for s in seeds if by_job.get((arm, s))}
+                           for arm in arms}
+            other_ratios = _speedups(other_reach, seeds, steps)
+            if other_ratios:
+                sweep.append(f"{other:.0%}: {geometric_mean_ci(other_ratios)[0]:.1f}x")
+        if sweep:
+            notes.append("Speed-up at other targets (geometric mean over seeds): " + ", ".join(sweep)
+                         + ". Near the accuracy both arms plateau at, both crawl and the ratio shrinks.")
         return Summary(
             experiment=self.name,
             claim=self.claim,
