@@ -413,8 +413,22 @@ def _trailing_cases() -> list[LayerCase]:
     ]
 
 
+def _cases_from_sibling_modules() -> list[LayerCase]:
+    """Cases of later layers: each ``tests/conformance/cases_<topic>.py`` defines ``CASES``
+    (a list of :class:`LayerCase`) and joins every generic check without editing this file."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    found: list[LayerCase] = []
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        if info.name.startswith("cases_"):
+            found += list(importlib.import_module(f"{__package__}.{info.name}").CASES)
+    return found
+
+
 CASES: tuple[LayerCase, ...] = tuple(
-    _batch_cases() + _instance_cases() + _group_cases() + _trailing_cases()
+    _batch_cases() + _instance_cases() + _group_cases() + _trailing_cases() + _cases_from_sibling_modules()
 )
 
 
