@@ -37,6 +37,7 @@ __all__ = [
     "cumulative_average",
     "unbiased_var",
     "update_running_stats",
+    "combine_moments",
     "momentum_from_decay",
     "decay_from_momentum",
     "from_keras",
@@ -158,6 +159,34 @@ def update_running_stats(
             cumulative_average(running_var, var, num_batches_tracked),
         )
     return ema(running_mean, batch_mean, momentum), ema(running_var, var, momentum)
+
+
+def combine_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pool per-part statistics into those of the whole (Chan, Golub & LeVeque's parallel formula).
+
+    Args:
+        counts: ``(P,)`` or ``(P, 1)`` values per channel in each part (0 for an empty part).
+        means: ``(P, C)`` each part's mean (any value where the count is 0).
+        m2s: ``(P, C)`` each part's sum of squared deviations from its own mean.
+
+    Returns:
+        ``(n, mean, m2)``: the total count, and the mean and sum of squared deviations of all
+        parts together: ``mean = sum(n_p mean_p) / n``,
+        ``m2 = sum(m2_p) + sum(n_p (mean_p - mean)^2)``, the between-part term included.
+
+    >>> import torch
+    >>> parts = [torch.tensor([[1.0], [2.0]]), torch.tensor([[4.0], [5.0], [6.0]])]
+    >>> n, mean, m2 = combine_moments(torch.tensor([2.0, 3.0]),
+    ...     torch.stack([p.mean(0) for p in parts]), torch.stack([((p - p.mean(0)) ** 2).sum(0) for p in parts]))
+    >>> n, mean, m2 / n  # as the mean and biased variance of [1, 2, 4, 5, 6]
+    (tensor(5.), tensor([3.6000]), tensor([3.4400]))
+    """
+    counts = counts.reshape(-1, 1).to(means.dtype)
+    total = counts.sum()
+    weights = counts / total.clamp_min(1)
+    mean = (weights * torch.where(counts > 0, means, torch.zeros_like(means))).sum(0)
+    between = counts * torch.square(torch.where(counts > 0, means - mean, torch.zeros_like(means)))
+    return total, mean, m2s.sum(0) + between.sum(0)
 
 
 def momentum_from_decay(decay: float) -> float:

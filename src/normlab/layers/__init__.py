@@ -5,6 +5,7 @@ from .batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .group import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer import LayerNorm, RMSNorm
 from .registry import get_norm, norm_names, register_norm
+from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d",
@@ -17,6 +18,7 @@ __all__ = [
     "LayerNorm",
     "NonFiniteStatisticsWarning",
     "RMSNorm",
+    "SyncBatchNorm",
     "get_norm",
     "name_layers",
     "norm_names",

@@ -1,0 +1,114 @@
+"""SyncBatchNorm with real processes (gloo on localhost): equal to one process holding the
+concatenated batch, with uneven and empty per-process batches; a dead peer fails clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import normlab
+
+WORKER = Path(__file__).with_name("sync_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, world: int) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def single_process(spec: dict) -> dict:
+    """The oracle: one normlab BatchNorm (held to torch.nn in the conformance suite) on the whole batch."""
+    channels, sizes = spec["channels"], spec["sizes"]
+    bn = normlab.BatchNorm1d(channels, momentum=0.3).double() if not spec["rest"] else None
+    bn = bn or {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d}[len(spec["rest"])](channels, momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, channels, dtype=torch.float64))
+        bn.bias.copy_(torch.linspace(-0.2, 0.3, channels, dtype=torch.float64))
+    steps = []
+    for step in range(spec["steps"]):
+        g = torch.Generator().manual_seed(step)
+        x = (torch.randn(sum(sizes), channels, *spec["rest"], generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+        upstream = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        bn.weight.grad = bn.bias.grad = None
+        y = bn(x)
+        (y * upstream).sum().backward()
+        steps.append({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone(), "db": bn.bias.grad.clone()})
+    return {"steps": steps, "running_mean": bn.running_mean, "running_var": bn.running_var, "count": bn.num_batches_tracked}
+
+
+@pytest.mark.parametrize(
+    "sizes, rest, channels_last",
+    [([5, 3], [4, 4], False), ([4, 0, 6], [5], False), ([3, 2], [], False), ([2, 6, 1], [3, 3], True)],
+    ids=["2proc-NCHW-uneven", "3proc-NCL-empty-rank", "2proc-NC", "3proc-channels_last"],
+)
+def test_equals_one_process_on_the_concatenated_batch(tmp_path, sizes, rest, channels_last):
+    world = len(sizes)
+    spec = {"sizes": sizes, "rest": rest, "channels": 3, "steps": 2, "out": str(tmp_path / "r"),
+            "channels_last": channels_last}
+    procs = launch(spec, world)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    got = [torch.load(f"{spec['out']}.{r}") for r in range(world)]
+    want = single_process(spec)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    for step, expected in enumerate(want["steps"]):
+        for r in range(world):
+            mine = got[r]["steps"][step]
+            part = slice(starts[r], starts[r] + sizes[r])
+            torch.testing.assert_close(mine["y"], expected["y"][part], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine["dx"], expected["dx"][part], rtol=1e-5, atol=1e-5)
+        # weight/bias gradients: each process holds its contribution; together they are the whole
+        torch.testing.assert_close(sum(g["steps"][step]["dw"] for g in got), expected["dw"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sum(g["steps"][step]["db"] for g in got), expected["db"], rtol=1e-5, atol=1e-5)
+    for r in range(world):
+        torch.testing.assert_close(got[r]["running_mean"], want["running_mean"].to(got[r]["running_mean"].dtype), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[r]["running_var"], want["running_var"].to(got[r]["running_var"].dtype), rtol=1e-5, atol=1e-6)
+        assert int(got[r]["count"]) == int(want["count"]) == 2
+
+
+def test_a_dead_peer_fails_clearly_instead_of_hanging(tmp_path):
+    spec = {"sizes": [4, 4], "rest": [3], "channels": 2, "steps": 1, "out": str(tmp_path / "r"),
+            "die": True, "timeout": 10}
+    start = time.monotonic()
+    survivor, dead = launch(spec, 2)
+    _, err = survivor.communicate(timeout=90)
+    dead.communicate(timeout=30)
+    assert survivor.returncode != 0
+    assert "synchronizing batch statistics across 2 processes failed" in err, err[-2000:]
+    assert time.monotonic() - start < 90
+
+
+def test_without_a_process_group_it_is_batch_norm():
+    x = torch.randn(6, 3, 4)
+    sync, plain = normlab.SyncBatchNorm(3), normlab.BatchNorm1d(3)
+    plain.load_state_dict(sync.state_dict())
+    torch.testing.assert_close(sync(x), plain(x))
+    torch.testing.assert_close(sync.running_var, plain.running_var)
+
+
+def test_state_dict_matches_torch_sync_batch_norm():
+    ours, theirs = normlab.SyncBatchNorm(5), torch.nn.SyncBatchNorm(5)
+    assert ours.load_state_dict(theirs.state_dict()) is not None
+    assert theirs.load_state_dict(ours.state_dict()) is not None
+    assert isinstance(ours, torch.nn.SyncBatchNorm)
