@@ -51,7 +51,10 @@ class _BatchNormMixin(RunningStatsLayer):
         check_eps(owner, eps)
         check_momentum(owner, momentum)
         check_choice(owner, "single_sample", single_sample, ("error", "running"))
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, device=device, dtype=dtype,
+        )
         self.single_sample = single_sample
         self.unbiased = bool(unbiased)
         self.stable_stats = bool(stable_stats)
