@@ -24,7 +24,10 @@ EPILOG = """examples:
   normlab run ioffe2015-mnist --data mnist --data-dir ~/data --device cuda
   normlab run ioffe2015-mnist --quick --set train.lr=0.5 --set model.widths=[200,200]
   normlab run ioffe2015-mnist --quick --resume        # continue the latest stopped run
+  normlab run ioffe2015-mnist --quick --nproc 2 --sync-bn   # = torchrun --nproc-per-node 2 -m normlab run ...
   normlab report runs/ioffe2015-mnist-quick-20261125-101500
+  normlab inspect runs/ioffe2015-mnist-quick-20261125-101500/checkpoints/batch-seed0.pt
+  normlab fold runs/ioffe2015-mnist-quick-20261125-101500/checkpoints/batch-seed0.pt folded.pt
 
 exit codes: 0 success, 1 --check: expected outcome missed, 2 bad arguments/config/data,
 130 interrupted (continue with --resume)."""
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{list,run,report}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{list,run,report,inspect,fold}", parser_class=_Parser)
     sub.add_parser("list", help="the experiments, one line each")
 
     run = sub.add_parser("run", help="run an experiment and write its report", epilog=EPILOG,
@@ -66,9 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="exit 1 if the measured outcome misses the expected one")
     run.add_argument("--resume", action="store_true", help="continue a stopped run (--out, or the latest one)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="data-parallel over N processes on this machine, through torchrun (gloo on CPU, nccl on GPU)")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="with several processes, synchronize batch-norm statistics over the global batch (train.sync_bn)")
 
     report = sub.add_parser("report", help="rebuild report.html and report.md from a run folder")
     report.add_argument("run_dir")
+
+    inspect = sub.add_parser("inspect", help="list the normalization layers of a checkpoint and the health of their statistics")
+    inspect.add_argument("checkpoint", help="a state dict, or a lab checkpoint (runs/.../checkpoints/ARM-seedN.pt)")
+
+    fold = sub.add_parser("fold", help="fold the batch norms of a lab checkpoint into the preceding layers' weights")
+    fold.add_argument("checkpoint", help="a lab checkpoint (runs/.../checkpoints/ARM-seedN.pt)")
+    fold.add_argument("out", help="where to write the folded checkpoint")
+    fold.add_argument("--arm", help="the arm the checkpoint trained (default: read from the checkpoint or its file name)")
     return parser
 
 
@@ -85,6 +100,7 @@ def _resolve_config(args):
         if arms is not None:
             config.arms = {name: dict(body) for name, body in arms.items()}
     flags = {
+        "train.sync_bn": True if args.sync_bn else None,
         "train.seeds": args.seeds, "train.steps": args.steps, "train.device": args.device,
         "data.name": args.data, "data.data_dir": args.data_dir,
     }
@@ -115,6 +131,32 @@ def _cmd_list() -> int:
     return EXIT_OK
 
 
+def _launch_torchrun(args, argv: list[str]) -> int:
+    """Run this same command under torchrun with ``--nproc`` processes (and without ``--nproc``)."""
+    import socket
+    import subprocess
+
+    if args.nproc < 1:
+        raise _UsageError(f"--nproc must be at least 1, got {args.nproc}.")
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    if "--out" not in rest and not any(a.startswith("--out=") for a in rest):
+        experiment, config = _resolve_config(args)  # every process must write to the same folder
+        rest += ["--out", str(_run_dir(args, config))]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "normlab", *rest]
+    return subprocess.call(command)
+
+
 def _cmd_run(args) -> int:
     from .lab.report import format_summary_table, write_report
     from .lab.trainer import Interrupted, Trainer
@@ -122,14 +164,26 @@ def _cmd_run(args) -> int:
     experiment, config = _resolve_config(args)
     run_dir = _run_dir(args, config)
     trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(f"normlab: {experiment.name}: {len(config.arms)} arms x {config.train.seeds} seeds x "
-          f"{config.train.steps} steps on {config.data.name} ({trainer.device}) -> {run_dir}", file=sys.stderr)
+    main = trainer.team.main
+    if main:
+        team = f", {trainer.team.world} processes" if trainer.team.active else ""
+        print(f"normlab: {experiment.name}: {len(config.arms)} arms x {config.train.seeds} seeds x "
+              f"{config.train.steps} steps on {config.data.name} ({trainer.device}{team}) -> {run_dir}",
+              file=sys.stderr)
     try:
         trainer.run()
     except Interrupted as stop:
-        print(f"normlab: interrupted ({stop}); continue with the same command plus --resume --out {run_dir}",
-              file=sys.stderr)
+        if main:
+            print(f"normlab: interrupted ({stop}); continue with the same command plus --resume --out {run_dir}",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if trainer.team.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not main:
+        return EXIT_OK
     paths = write_report(run_dir, experiment=experiment)
     summary = _summary(paths)
     print(format_summary_table(summary))
@@ -168,7 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return _cmd_list()
         if args.command == "run":
+            if args.nproc is not None:
+                return _launch_torchrun(args, list(argv if argv is not None else sys.argv[1:]))
             return _cmd_run(args)
+        if args.command == "inspect":
+            from .surgery.commands import inspect_checkpoint
+
+            print(inspect_checkpoint(args.checkpoint))
+            return EXIT_OK
+        if args.command == "fold":
+            from .surgery.commands import fold_checkpoint
+
+            print(fold_checkpoint(args.checkpoint, args.out, arm=args.arm))
+            return EXIT_OK
         return _cmd_report(args)
     except (_UsageError, ValueError) as err:
         if os.environ.get("NORMLAB_DEBUG"):

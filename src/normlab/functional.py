@@ -383,6 +383,7 @@ def batch_norm(
     num_batches_tracked: Tensor | None = None,
     unbiased: bool = True,
     stable_stats: bool = True,
+    mask: Tensor | None = None,
 ) -> BatchNormResult:
     """Batch normalization over all dimensions but the channel dimension 1.
 
@@ -404,6 +405,18 @@ def batch_norm(
         stable_stats: on the CPU, compute the batch statistics of channel-innermost input (2-D,
             channels_last) with :func:`channel_mean_var`, as accurate as NCHW input, at some
             cost in time; False uses torch's kernel and its accuracy (see benchmarks/README.md).
+        mask: optional bool tensor, True at valid positions, for padded sequences and point
+            sets: the input's shape without the channel dimension (``(N,)`` for ``(N, C)``,
+            ``(N, L)`` for ``(N, C, L)``, ``(N, H, W)`` for ``(N, C, H, W)``); size-1
+            dimensions broadcast (``(N, 1)`` masks whole samples of ``(N, C, L)``). The batch
+            statistics are over the valid positions only (``n`` = their number, also in the
+            unbiased running variance), exactly batch norm over the concatenation of the valid
+            parts; the output is 0 at padded positions, which get no gradient and may hold
+            anything, NaN included. Training needs at least 2 valid positions. The mask path
+            composes torch ops (about 2-3.5x the time of the unmasked kernel on the CPU) and
+            reads the valid count on the host (one synchronization on accelerators, a graph
+            break under torch.compile; vmap works with an unbatched mask). Without a mask
+            nothing changes.
 
     Returns:
         :class:`BatchNormResult` ``(output, running_mean, running_var, num_batches_tracked, updated)``.
@@ -433,6 +446,9 @@ def batch_norm(
             "of batches already averaged; pass torch.tensor(0) for a fresh layer."
         )
     use_batch_stats = training or running_mean is None
+    if mask is not None:
+        return _masked_batch_norm(input, mask, running_mean, running_var, weight, bias, use_batch_stats,
+                                  momentum, eps, num_batches_tracked, unbiased)
     n = _values_per_channel(input)
     if use_batch_stats and n == 1:
         raise ValueError(
@@ -645,3 +661,218 @@ def _match(param: Tensor | None, input: Tensor) -> Tensor | None:
     if input.dtype in _HALF_DTYPES:
         return param.float()
     return param.to(input.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Masked batch norm, batch statistics out (gradient accumulation), the guarded running update
+# --------------------------------------------------------------------------------------------
+
+
+class BatchStats(NamedTuple):
+    """What :func:`batch_norm_with_stats` returns.
+
+    Attributes:
+        output: the input normalized with its own batch statistics, same shape and dtype.
+        mean, var: the batch's per-channel mean and *biased* variance (divisor ``count``), detached;
+            float32 for 16-bit input. Zeros for an empty batch.
+        count: the number of values per channel behind them (valid positions under a mask), an int.
+    """
+
+    output: Tensor
+    mean: Tensor
+    var: Tensor
+    count: int
+
+
+def batch_norm_with_stats(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
+    stable_stats: bool = True,
+) -> BatchStats:
+    """Training-mode batch norm that returns the batch statistics instead of updating running ones.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the batch's mean and biased variance
+    (over the valid positions when ``mask`` is given, as in :func:`batch_norm`), computed as
+    :func:`batch_norm` computes them in training. The statistics come back as sufficient
+    statistics ``(mean, var, count)``, which pool exactly across batches (Chan et al.): this is
+    what :func:`normlab.accumulate` uses to update the running statistics once per optimizer step.
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *)``.
+        weight, bias: ``(C,)`` or None.
+        eps: added to the variance (default 1e-5).
+        mask: bool, True at valid positions; shapes as in :func:`batch_norm`.
+        stable_stats: as in :func:`batch_norm`.
+
+    Returns:
+        :class:`BatchStats` ``(output, mean, var, count)``.
+
+    >>> import torch
+    >>> r = batch_norm_with_stats(torch.tensor([[1.0], [3.0], [8.0]]), mask=torch.tensor([True, True, False]))
+    >>> r.output.squeeze(1), r.mean, r.var, r.count
+    (tensor([-1.0000,  1.0000,  0.0000]), tensor([2.]), tensor([1.]), 2)
+    """
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm_with_stats: input must be (N, C) or (N, C, *), got a {input.dim()}-D tensor "
+            f"of shape {tuple(input.shape)}; add a batch dimension with x.unsqueeze(0)."
+        )
+    channels = input.shape[1]
+    _check_per_channel(input, channels, "batch_norm_with_stats", weight=weight, bias=bias)
+    acc = _acc_dtype(input)
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    m = None if mask is None else _mask_view(input, mask, "batch_norm_with_stats")
+    if _values_per_channel(input) == 0:
+        zeros = torch.zeros(channels, dtype=acc, device=input.device)
+        return BatchStats(_empty_output(input, w, b), zeros, zeros.clone(), 0)
+    if m is None:
+        n = _values_per_channel(input)
+        if n == 1:
+            raise ValueError(
+                f"batch_norm_with_stats: batch statistics need more than one value per channel, got "
+                f"input of shape {tuple(input.shape)}. Use a larger batch or drop the last partial "
+                f"batch (DataLoader(drop_last=True))."
+            )
+        out, mean, var = _batch_stats_forward(input, w, b, eps, stable_stats)
+    else:
+        n = _mask_count(input, m)
+        _check_valid_count(n, input, mask, "batch_norm_with_stats")
+        out, mean, var = _masked_stats_forward(input, m, n, w, b, eps)
+    return BatchStats(out, mean.detach(), var.detach(), n)
+
+
+def _mask_view(input: Tensor, mask: object, where: str) -> Tensor:
+    """Check ``mask`` against ``input`` and return it as ``(N, 1, *)``, to broadcast over channels."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"a {mask.dtype} tensor" if isinstance(mask, Tensor) else f"a {type(mask).__name__}"
+        raise TypeError(
+            f"{where}: mask must be a bool tensor, True at valid positions, got {got}; convert with "
+            f"mask.bool(), or build it from lengths: torch.arange(L) < lengths[:, None]."
+        )
+    expected = (input.shape[0],) + tuple(input.shape[2:])
+    if mask.dim() != len(expected) or any(m not in (1, e) for m, e in zip(mask.shape, expected)):
+        raise ValueError(
+            f"{where}: mask must have the input's shape without the channel dimension, {expected} "
+            f"(size-1 dimensions broadcast), got {tuple(mask.shape)} for input {tuple(input.shape)}; "
+            f"e.g. (N, L) for (N, C, L) input, (N,) for (N, C), (N, 1) to mask whole samples of (N, C, L)."
+        )
+    if mask.device != input.device:
+        raise ValueError(
+            f"{where}: mask is on {mask.device} and the input on {input.device}; move it with "
+            f"mask.to(x.device)."
+        )
+    return mask.unsqueeze(1)
+
+
+def _mask_count(input: Tensor, mask_view: Tensor) -> int:
+    """Valid positions per channel: the mask's True entries times the sizes it broadcasts over."""
+    repeat = math.prod(
+        size for dim, size in enumerate(input.shape) if dim != 1 and mask_view.shape[dim] == 1
+    )
+    # On the host: it decides the error below and the divisor n - 1 of the unbiased variance.
+    return int(mask_view.sum()) * repeat
+
+
+def _check_valid_count(count: int, input: Tensor, mask: Tensor, where: str) -> None:
+    if count < 2:
+        raise ValueError(
+            f"{where}: training needs at least 2 valid positions per channel to compute a batch "
+            f"variance, got {count} (mask of shape {tuple(mask.shape)} with {int(mask.sum())} True, "
+            f"input {tuple(input.shape)}). Skip such batches, or normalize them with the running "
+            f"statistics (eval mode, or a layer built with single_sample='running')."
+        )
+
+
+def _masked_stats_forward(
+    x: Tensor, m: Tensor, count: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm over the positions where ``m`` (``(N, 1, *)``) is True:
+    ``(output, mean, biased var)``, output 0 at padded positions; differentiable in x, weight, bias.
+
+    Composed of torch ops (autograd gives the exact gradient, including the statistics'
+    dependence on the valid x). Two-pass statistics: the deviations are formed before squaring,
+    and the output from them (subtract-first), so large offsets lose nothing.
+    """
+    acc = _acc_dtype(x)
+    axes = [0, *range(2, x.dim())]
+    xa = x if x.dtype == acc else x.to(acc)
+    # torch.where rather than a product with the mask: padded values may be NaN or inf.
+    mean = torch.where(m, xa, 0).sum(axes) / count
+    centered = torch.where(m, xa - _channel_view(mean, x), 0)
+    var = centered.square().sum(axes) / count
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    if bias is None:  # centered is 0 at padded positions already
+        out = centered * _channel_view(scale, x)
+    else:
+        out = torch.where(m, torch.addcmul(_channel_view(bias, x), centered, _channel_view(scale, x)), 0)
+    return out.to(x.dtype), mean, var
+
+
+def _masked_batch_norm(
+    input: Tensor,
+    mask: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    unbiased: bool,
+) -> BatchNormResult:
+    """:func:`batch_norm` with a mask (arguments checked there, but for the mask)."""
+    m = _mask_view(input, mask, "batch_norm")
+    acc = _acc_dtype(input)
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    if _values_per_channel(input) == 0:
+        return BatchNormResult(_empty_output(input, w, b), running_mean, running_var, num_batches_tracked, None)
+    if not use_batch_stats:
+        # Zero the padding first: NaN there would reach the weight gradient through x_hat.
+        x = torch.where(m, input, 0)
+        mean, var = _cast(running_mean, acc), _cast(running_var, acc)
+        if _ill_conditioned(mean, var, eps):
+            out = _normalize_subtract_first(x, mean, var, w, b, eps)
+        else:
+            out = torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        return BatchNormResult(torch.where(m, out, 0), running_mean, running_var, num_batches_tracked, None)
+    n = _mask_count(input, m)
+    _check_valid_count(n, input, mask, "batch_norm")
+    out, batch_mean, batch_var = _masked_stats_forward(input, m, n, w, b, eps)
+    if running_mean is None:
+        return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+    new_mean, new_var, new_count, updated = _guarded_update(
+        running_mean, running_var, batch_mean.detach(), batch_var.detach(), n, momentum,
+        num_batches_tracked, unbiased,
+    )
+    return BatchNormResult(out, new_mean, new_var, new_count, updated)
+
+
+def _guarded_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    n: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    unbiased: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """One running-statistics update from a batch's mean, biased variance and count ``n``, kept
+    at the old values when the batch statistics are not finite, without a host synchronization:
+    ``(new_mean, new_var, new_num_batches_tracked, updated)``."""
+    count = num_batches_tracked if num_batches_tracked is not None else 0
+    new_mean, new_var = update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, n, momentum, count, unbiased
+    )
+    updated = torch.sum(batch_mean + batch_var).mul_(0) == 0  # see batch_norm
+    new_mean = torch.where(updated, new_mean, running_mean)
+    new_var = torch.where(updated, new_var, running_var)
+    new_count = None if num_batches_tracked is None else num_batches_tracked + updated
+    return new_mean, new_var, new_count, updated

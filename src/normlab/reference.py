@@ -881,3 +881,491 @@ def rms_norm_backward(
     dx = r * (g - x * r * r * np.mean(g * x, axis=axes, keepdims=True))
     dweight = np.sum(dy * x * r, axis=leading_axes)
     return dx, dweight
+
+
+# ---------------------------------------------------------------------------
+# Masked batch normalization (padded sequences, point sets)
+# ---------------------------------------------------------------------------
+
+
+def _broadcast_mask(x: np.ndarray, mask: ArrayLike, name: str) -> np.ndarray:
+    """The bool mask broadcast to ``x``'s shape without the channel axis, then given a
+    channel axis of size 1: shape (N, 1, *spatial)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name}: mask must be boolean (True = valid), got dtype {mask.dtype}")
+    target = (x.shape[0],) + x.shape[2:]
+    if mask.ndim != len(target):
+        raise ValueError(f"{name}: mask must have shape {target} (size-1 axes broadcast), got {mask.shape}")
+    return np.broadcast_to(mask, target)[:, None]
+
+
+def masked_batch_norm(
+    x: ArrayLike,
+    mask: ArrayLike,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: int = 0,
+    unbiased: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """Batch normalization over the valid positions of a padded batch.
+
+    ``mask`` is boolean, True at valid positions, with the shape of ``x`` without
+    the channel axis (size-1 axes broadcast): (N,) for (N, C), (N, L) for
+    (N, C, L). With ``m`` the mask broadcast over the channels, per channel c::
+
+        K         = sum(m)                                   valid positions
+        mu_B      = sum(m * x[:, c]) / K
+        sigma^2_B = sum(m * (x[:, c] - mu_B)^2) / K          (biased, two-pass)
+        x_hat     = (x - mu_B) / sqrt(sigma^2_B + eps)
+        y         = gamma[c] * x_hat + beta[c]   where m,    0 where not
+
+    This is :func:`batch_norm` of the concatenation of the valid parts, put
+    back in place with zeros in the padding.  Padded values never enter (they
+    may be NaN).  Eval mode (running statistics given, ``training=False``)
+    uses them in place of ``mu_B`` and ``sigma^2_B``.  The running statistics
+    are updated as in :func:`batch_norm` with ``n = K``.
+
+    Returns:
+        ``(y, new_running_mean, new_running_var, new_num_batches_tracked)``.
+
+    Raises:
+        ValueError: batch statistics with fewer than 2 valid positions.
+    """
+    x = _as_float64(x)
+    _check_channels_first(x, min_ndim=2, name="masked_batch_norm")
+    m = _broadcast_mask(x, mask, "masked_batch_norm")
+    num_channels = x.shape[1]
+    axes = _all_axes_but_channel(x.ndim)
+    count = int(m.sum())  # valid positions per channel
+
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    has_running_stats = running_mean is not None
+    if has_running_stats:
+        running_mean = _channel_param(running_mean, num_channels, 0.0, "running_mean")
+        running_var = _channel_param(running_var, num_channels, 1.0, "running_var")
+    gamma = _per_channel(_channel_param(weight, num_channels, 1.0, "weight"), x.ndim)
+    beta = _per_channel(_channel_param(bias, num_channels, 0.0, "bias"), x.ndim)
+
+    use_batch_stats = training or not has_running_stats
+    if use_batch_stats and count < 2:
+        raise ValueError(f"masked batch norm needs at least 2 valid positions per channel, got {count}")
+
+    x = np.where(m, x, 0.0)
+    if use_batch_stats:
+        mean = np.sum(x, axis=axes, keepdims=True) / count
+        deviation = np.where(m, x - mean, 0.0)
+        var = np.sum(deviation * deviation, axis=axes, keepdims=True) / count
+    else:
+        mean = _per_channel(running_mean, x.ndim)
+        var = _per_channel(running_var, x.ndim)
+    y = np.where(m, gamma * (x - mean) / np.sqrt(var + eps) + beta, 0.0)
+
+    if training and has_running_stats:
+        new_running_mean, new_running_var = update_running_stats(
+            running_mean, running_var, mean.reshape(num_channels), var.reshape(num_channels),
+            count, momentum=momentum, num_batches_tracked=num_batches_tracked, unbiased=unbiased,
+        )
+        return y, new_running_mean, new_running_var, int(num_batches_tracked) + 1
+    new_running_mean = None if running_mean is None else running_mean.copy()
+    new_running_var = None if running_var is None else running_var.copy()
+    return y, new_running_mean, new_running_var, int(num_batches_tracked)
+
+
+def masked_batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mask: ArrayLike,
+    weight: ArrayLike | None = None,
+    eps: float = 1e-5,
+    training: bool = True,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``L = sum(dy * y)`` for :func:`masked_batch_norm`.
+
+    Only valid positions reach ``y``, so with ``g = m * dy``, the sums over the
+    valid positions and ``K`` their number, in training::
+
+        dx      = m * (gamma / sigma) * (g - sum(g) / K - x_hat * sum(g * x_hat) / K)
+
+    and with running statistics (eval) ``dx = m * g * gamma / sqrt(running_var + eps)``;
+    in both ``dweight = sum(g * x_hat)``, ``dbias = sum(g)``.  Padded
+    positions get ``dx = 0``.
+
+    Returns:
+        ``(dx, dweight, dbias)`` with shapes ``x.shape``, (C,), (C,).
+    """
+    x = _as_float64(x)
+    dy = _as_float64(dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}, expected {x.shape}")
+    m = _broadcast_mask(x, mask, "masked_batch_norm_backward")
+    num_channels = x.shape[1]
+    axes = _all_axes_but_channel(x.ndim)
+    gamma = _per_channel(_channel_param(weight, num_channels, 1.0, "weight"), x.ndim)
+    count = int(m.sum())
+    x = np.where(m, x, 0.0)
+    g = np.where(m, dy, 0.0)
+
+    if training or running_mean is None:
+        mean = np.sum(x, axis=axes, keepdims=True) / count
+        deviation = np.where(m, x - mean, 0.0)
+        sigma = np.sqrt(np.sum(deviation * deviation, axis=axes, keepdims=True) / count + eps)
+        x_hat = deviation / sigma
+        sum_g = np.sum(g, axis=axes, keepdims=True)
+        sum_g_x_hat = np.sum(g * x_hat, axis=axes, keepdims=True)
+        dx = np.where(m, gamma / sigma * (g - sum_g / count - x_hat * sum_g_x_hat / count), 0.0)
+    else:
+        mean = _per_channel(_channel_param(running_mean, num_channels, 0.0, "running_mean"), x.ndim)
+        sigma = np.sqrt(_per_channel(_channel_param(running_var, num_channels, 1.0, "running_var"), x.ndim) + eps)
+        x_hat = np.where(m, (x - mean) / sigma, 0.0)
+        dx = g * gamma / sigma
+    return dx, np.sum(g * x_hat, axis=axes), np.sum(g, axis=axes)
+
+
+# ---------------------------------------------------------------------------
+# Batch renormalization (Ioffe 2017) and ghost batch normalization (Hoffer et al. 2017)
+# ---------------------------------------------------------------------------
+
+
+def _renorm_factors(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_hat, batch_var, r, d)`` of batch renormalization, r and d shaped to broadcast."""
+    if not r_max >= 1.0:
+        raise ValueError(f"batch_renorm: r_max must be >= 1, got {r_max}")
+    if not d_max >= 0.0:
+        raise ValueError(f"batch_renorm: d_max must be >= 0, got {d_max}")
+    axes = _all_axes_but_channel(x.ndim)
+    x_hat, batch_mean, batch_var = _standardize(x, axes, eps)
+    sigma_batch = np.sqrt(batch_var + eps)
+    sigma = np.sqrt(_per_channel(running_var, x.ndim) + eps)
+    r = np.clip(sigma_batch / sigma, 1.0 / r_max, r_max)
+    d = np.clip((batch_mean - _per_channel(running_mean, x.ndim)) / sigma, -d_max, d_max)
+    return x_hat, batch_var, r, d
+
+
+def batch_renorm(
+    x: ArrayLike,
+    running_mean: ArrayLike | None,
+    running_var: ArrayLike | None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    num_batches_tracked: int = 0,
+    unbiased: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """Batch renormalization (Ioffe 2017, "Batch Renormalization").
+
+    In training, per channel c, with the batch statistics over every axis but 1 and the
+    running statistics *before* this batch's update::
+
+        mu_B    = mean(x[:, c, ...]),   sigma_B = sqrt(mean((x - mu_B)^2) + eps)
+        sigma   = sqrt(running_var + eps)
+        r       = clip(sigma_B / sigma, 1 / r_max, r_max)
+        d       = clip((mu_B - running_mean) / sigma, -d_max, d_max)
+        x_hat   = (x - mu_B) / sigma_B
+        y       = gamma * (x_hat * r + d) + beta
+
+    r and d are constants for backpropagation (:func:`batch_renorm_backward`). The running
+    statistics are then updated exactly as by :func:`batch_norm` (torch's momentum, unbiased
+    variance, count + 1). ``r_max = 1, d_max = 0`` gives r = 1, d = 0: batch norm.
+
+    In eval mode (``training=False``), or without running statistics (then r = 1, d = 0),
+    this is :func:`batch_norm`.
+
+    Returns:
+        ``(y, new_running_mean, new_running_var, new_num_batches_tracked)`` as :func:`batch_norm`.
+    """
+    x = _as_float64(x)
+    _check_channels_first(x, min_ndim=2, name="batch_renorm")
+    if not training or running_mean is None or running_var is None:
+        return batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked, unbiased)
+    num_channels = x.shape[1]
+    n = x.size // num_channels if num_channels > 0 else 0
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input shape {x.shape}"
+        )
+    running_mean = _channel_param(running_mean, num_channels, 0.0, "running_mean")
+    running_var = _channel_param(running_var, num_channels, 1.0, "running_var")
+    gamma = _per_channel(_channel_param(weight, num_channels, 1.0, "weight"), x.ndim)
+    beta = _per_channel(_channel_param(bias, num_channels, 0.0, "bias"), x.ndim)
+    x_hat, batch_var, r, d = _renorm_factors(x, running_mean, running_var, eps, r_max, d_max)
+    y = gamma * (x_hat * r + d) + beta
+    axes = _all_axes_but_channel(x.ndim)
+    new_mean, new_var = update_running_stats(
+        running_mean, running_var, np.mean(x, axis=axes), batch_var.reshape(num_channels), n,
+        momentum=momentum, num_batches_tracked=num_batches_tracked, unbiased=unbiased,
+    )
+    return y, new_mean, new_var, int(num_batches_tracked) + 1
+
+
+def batch_renorm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    running_mean: ArrayLike | None,
+    running_var: ArrayLike | None,
+    weight: ArrayLike | None = None,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    training: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``L = sum(dy * y)`` for :func:`batch_renorm`, r and d held constant.
+
+    In training with running statistics, with the sums and means over every axis but 1::
+
+        dx      = (gamma * r / sigma_B) * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+        dweight = sum(dy * (x_hat * r + d))
+        dbias   = sum(dy)
+
+    (the batch-norm gradient of :func:`batch_norm_backward` with ``gamma * r`` in place of
+    ``gamma``). Otherwise :func:`batch_norm_backward`.
+
+    Returns:
+        ``(dx, dweight, dbias)`` with shapes ``x.shape``, (C,), (C,).
+    """
+    x = _as_float64(x)
+    dy = _as_float64(dy)
+    if not training or running_mean is None or running_var is None:
+        return batch_norm_backward(dy, x, weight, eps, training, running_mean, running_var)
+    _check_channels_first(x, min_ndim=2, name="batch_renorm_backward")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}, expected {x.shape}")
+    num_channels = x.shape[1]
+    axes = _all_axes_but_channel(x.ndim)
+    running_mean = _channel_param(running_mean, num_channels, 0.0, "running_mean")
+    running_var = _channel_param(running_var, num_channels, 1.0, "running_var")
+    gamma = _per_channel(_channel_param(weight, num_channels, 1.0, "weight"), x.ndim)
+    x_hat, batch_var, r, d = _renorm_factors(x, running_mean, running_var, eps, r_max, d_max)
+    dx = _standardize_backward(dy * gamma * r, x_hat, batch_var, axes, eps)
+    dweight = np.sum(dy * (x_hat * r + d), axis=axes)
+    dbias = np.sum(dy, axis=axes)
+    return dx, dweight, dbias
+
+
+def ghost_batch_sizes(n: int, virtual_batch_size: int) -> list[int]:
+    """The sizes of the virtual batches that :func:`ghost_batch_norm` cuts a batch of ``n`` into.
+
+    Consecutive samples, ``virtual_batch_size`` each; the last one holds the rest and may be
+    smaller, except that a rest of a single sample joins the virtual batch before it (one
+    sample is no batch). A batch of at most ``virtual_batch_size`` samples is one virtual batch.
+
+    >>> ghost_batch_sizes(10, 4), ghost_batch_sizes(9, 4), ghost_batch_sizes(3, 4)
+    ([4, 4, 2], [4, 5], [3])
+    """
+    if int(virtual_batch_size) < 2:
+        raise ValueError(f"virtual_batch_size must be >= 2 (a virtual batch of one sample is no batch), got {virtual_batch_size}")
+    if n <= virtual_batch_size:
+        return [n]
+    full, rest = divmod(n, virtual_batch_size)
+    sizes = [virtual_batch_size] * full
+    if rest == 1:
+        sizes[-1] += 1
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
+def ghost_batch_norm(
+    x: ArrayLike,
+    virtual_batch_size: int,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: int = 0,
+    unbiased: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """Ghost batch normalization (Hoffer, Hubara & Soudry 2017, Algorithm 1).
+
+    Where batch norm uses batch statistics (``training=True``, or no running statistics), the
+    batch is cut along axis 0 into the virtual batches of :func:`ghost_batch_sizes`, and each
+    is batch-normalized on its own, in order, by :func:`batch_norm`: its own statistics, and, in
+    training, one running-statistics update per virtual batch (so the count grows by the number
+    of virtual batches). Otherwise (eval with running statistics) this is :func:`batch_norm`.
+
+    Returns:
+        ``(y, new_running_mean, new_running_var, new_num_batches_tracked)`` as :func:`batch_norm`.
+    """
+    x = _as_float64(x)
+    _check_channels_first(x, min_ndim=2, name="ghost_batch_norm")
+    if not (training or running_mean is None):
+        return batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+                          num_batches_tracked, unbiased)
+    ys = []
+    mean, var, count = running_mean, running_var, num_batches_tracked
+    bounds = np.cumsum([0] + ghost_batch_sizes(x.shape[0], virtual_batch_size))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        y, mean, var, count = batch_norm(x[start:stop], mean, var, weight, bias, training, momentum,
+                                         eps, count, unbiased)
+        ys.append(y)
+    return np.concatenate(ys, axis=0), mean, var, count
+
+
+def ghost_batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    virtual_batch_size: int,
+    weight: ArrayLike | None = None,
+    eps: float = 1e-5,
+    training: bool = True,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``L = sum(dy * y)`` for :func:`ghost_batch_norm`: :func:`batch_norm_backward`
+    per virtual batch, the input gradients side by side, the parameter gradients summed.
+
+    Returns:
+        ``(dx, dweight, dbias)`` with shapes ``x.shape``, (C,), (C,).
+    """
+    x = _as_float64(x)
+    dy = _as_float64(dy)
+    if not (training or running_mean is None):
+        return batch_norm_backward(dy, x, weight, eps, False, running_mean, running_var)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape}, expected {x.shape}")
+    dxs, dweight, dbias = [], 0.0, 0.0
+    bounds = np.cumsum([0] + ghost_batch_sizes(x.shape[0], virtual_batch_size))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        dx, dw, db = batch_norm_backward(dy[start:stop], x[start:stop], weight, eps, True)
+        dxs.append(dx)
+        dweight, dbias = dweight + dw, dbias + db
+    return np.concatenate(dxs, axis=0), dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# Batch normalization followed by an activation (normlab.layers.act)
+# ---------------------------------------------------------------------------
+
+
+def _activation(z: np.ndarray, act: str, negative_slope: float, alpha: float) -> np.ndarray:
+    """``act(z)`` for the activations of :func:`batch_norm_act`."""
+    if act == "identity":
+        return z.copy()
+    if act == "relu":
+        return np.maximum(z, 0.0)
+    if act == "leaky_relu":
+        return np.where(z > 0, z, negative_slope * z)
+    if act == "elu":
+        return np.where(z > 0, z, alpha * np.expm1(np.minimum(z, 0.0)))
+    if act == "silu":
+        return z / (1.0 + np.exp(-z))
+    raise ValueError(
+        f"act must be one of ['identity', 'relu', 'leaky_relu', 'elu', 'silu'], got {act!r}"
+    )
+
+
+def _activation_derivative(z: np.ndarray, act: str, negative_slope: float, alpha: float) -> np.ndarray:
+    """``act'(z)``; at the kinks (z = 0) the left derivative, as torch."""
+    if act == "identity":
+        return np.ones_like(z)
+    if act == "relu":
+        return (z > 0).astype(np.float64)
+    if act == "leaky_relu":
+        return np.where(z > 0, 1.0, negative_slope)
+    if act == "elu":
+        return np.where(z > 0, 1.0, alpha * np.exp(np.minimum(z, 0.0)))
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    raise ValueError(
+        f"act must be one of ['identity', 'relu', 'leaky_relu', 'elu', 'silu'], got {act!r}"
+    )
+
+
+def batch_norm_act(
+    x: ArrayLike,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: int = 0,
+    unbiased: bool = True,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """Batch normalization followed by an activation (as ``normlab.BatchNormAct2d``)::
+
+        z = batch_norm(x, ...)          exactly :func:`batch_norm`, statistics included
+        y = act(z)
+
+    with ``act`` one of::
+
+        identity    y = z
+        relu        y = max(z, 0)
+        leaky_relu  y = z if z > 0 else negative_slope * z
+        elu         y = z if z > 0 else alpha * (exp(z) - 1)
+        silu        y = z * sigmoid(z)
+
+    Returns:
+        ``(y, new_running_mean, new_running_var, new_num_batches_tracked)`` as
+        :func:`batch_norm`.
+    """
+    z, rm, rv, count = batch_norm(
+        x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
+        eps=eps, num_batches_tracked=num_batches_tracked, unbiased=unbiased,
+    )
+    return _activation(z, act, negative_slope, alpha), rm, rv, count
+
+
+def batch_norm_act_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    training: bool = True,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+    act: str = "identity",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``L = sum(dy * y)`` for :func:`batch_norm_act`.
+
+    The chain rule through the activation, then :func:`batch_norm_backward`::
+
+        z = gamma * x_hat + beta          (the batch-norm output)
+        g = dy * act'(z)
+        dx, dweight, dbias = batch_norm_backward(g, x, ...)
+
+    i.e. in training ``dx = (gamma / sigma) * (g - mean(g) - x_hat * mean(g * x_hat))``,
+    ``dweight = sum(g * x_hat)``, ``dbias = sum(g)``. At z = 0 the left derivative is used
+    (relu: 0, leaky_relu: negative_slope, elu: alpha), as torch does.
+
+    Returns:
+        ``(dx, dweight, dbias)`` with shapes ``x.shape``, (C,), (C,).
+    """
+    z = batch_norm(
+        x, running_mean, running_var, weight, bias, training=training, eps=eps,
+    )[0]
+    g = _as_float64(dy) * _activation_derivative(z, act, negative_slope, alpha)
+    return batch_norm_backward(
+        g, x, weight, eps, training=training, running_mean=running_mean, running_var=running_var,
+    )

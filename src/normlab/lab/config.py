@@ -80,6 +80,7 @@ class TrainConfig:
     eval_every: int = 50  # evaluate on the test split every this many steps (and at step 0)
     checkpoint_every: int = 500  # steps between checkpoints (a run resumes from the last one)
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    sync_bn: bool = False  # under torchrun, convert batch norms to SyncBatchNorm (statistics over the global batch)
 
 
 @dataclass

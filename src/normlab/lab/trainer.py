@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from torch import nn
 
 from .config import ConfigError, ExperimentConfig, arm_config, config_to_dict, save_config
 from .data import Dataset, load_dataset
+from .distributed import Team, join
 from .experiments.base import Experiment
 from .runfiles import append_jsonl, atomic_write_bytes, read_jsonl, write_jsonl
 from .models import build_model
@@ -63,9 +65,12 @@ class RunPaths:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; ``"cuda"`` without a GPU is an error."""
+    """``"auto"`` -> cuda when available, else cpu; ``"cuda"`` without a GPU is an error. Under
+    torchrun each process takes the GPU of its ``LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto.")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
@@ -160,6 +165,7 @@ class Trainer:
         self.paths = RunPaths(Path(run_dir))
         self.resume, self.progress = resume, progress
         self.device = resolve_device(config.train.device)
+        self.team: Team = join(self.device)
         self._check_config()
         self.data = (data or load_dataset(
             config.data.name, data_dir=config.data.data_dir, test_fraction=config.data.test_fraction,
@@ -174,17 +180,30 @@ class Trainer:
                 raise ConfigError(f"train.{key} must be a positive int, got {getattr(t, key)!r}.")
         if not self.config.arms:
             raise ConfigError("the experiment has no arms to train; give at least one in config.arms.")
+        if t.batch_size % self.team.world:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must split evenly over the {self.team.world} processes "
+                f"(each takes an equal slice of the global batch); choose a multiple of {self.team.world}."
+            )
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         """Train every job not already finished; return all metrics rows. Raises :class:`Interrupted`."""
-        self._prepare_folder()
+        problem = None
+        if self.team.main:
+            try:
+                self._prepare_folder()
+            except ConfigError as err:
+                problem = str(err)
+        problem = self.team.share(problem)  # every process stops on rank 0's error, none waits
+        if problem:
+            raise ConfigError(problem)
         jobs = [(arm, seed) for seed in range(self.config.train.seeds) for arm in self.config.arms]
         total = len(jobs) * self.config.train.steps
         with _stop_on_signals(self._signal), self._progress_bar(total) as bar:
             for arm, seed in jobs:
                 self._run_job(arm, seed, bar)
-        return read_jsonl(self.paths.metrics)
+        return read_jsonl(self.paths.metrics) if self.team.main else []
 
     def _prepare_folder(self) -> None:
         saved = self.paths.config
@@ -210,7 +229,8 @@ class Trainer:
     def _progress_bar(self, total: int):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, disable=not self.progress, unit="step", dynamic_ncols=True, leave=False)
+        return tqdm(total=total, disable=not (self.progress and self.team.main), unit="step",
+                    dynamic_ncols=True, leave=False)
 
     # -- one job ---------------------------------------------------------------------------
     def _run_job(self, arm: str, seed: int, bar) -> None:
@@ -223,6 +243,10 @@ class Trainer:
             return
         torch.manual_seed(seed)
         model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        if self.team.active and cfg.train.sync_bn:
+            from ..surgery.sync import convert_sync_batchnorm
+
+            model = convert_sync_batchnorm(model)  # a deep copy: model.blocks follows it
         optimizer = make_optimizer(cfg.train, model)
         sampler = BatchSampler(len(self.data.y_train), cfg.train.batch_size, seed)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -236,20 +260,30 @@ class Trainer:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             loss_sum = state["loss_sum"].to(self.device)
             loss_count, step, wall = state["loss_count"], state["step"], state["wall_time"]
-        self._drop_rows_after(arm, seed, step if state is not None else -1)
+        if self.team.main:
+            self._drop_rows_after(arm, seed, step if state is not None else -1)
+        # Every process trains its slice of each global batch through DDP, which averages the
+        # gradients; rank 0 alone evaluates, on the unwrapped model.
+        trained = model
+        if self.team.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         bar.update(step)
         bar.set_description(f"{arm} seed {seed}")
 
         probes = [probe.attach(model) for probe in self.experiment.probes(cfg, arm)]
         try:
-            if state is None:
+            if state is None and self.team.main:
                 self._evaluate(model, probes, arm, seed, 0, None, 0.0)
             x_train, y_train = self.data.x_train, self.data.y_train
             model.train()
             started = time.perf_counter()
             while step < steps:
                 idx = sampler.next()  # CPU indices also index tensors on an accelerator
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                if self.team.active:
+                    idx = idx.view(self.team.world, -1)[self.team.rank]
+                loss = F.cross_entropy(trained(x_train[idx]), y_train[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -259,16 +293,20 @@ class Trainer:
                 bar.update(1)
                 if step % every == 0 or step == steps:
                     wall += time.perf_counter() - started
-                    train_loss = (loss_sum / loss_count).item()
+                    train_loss = self.team.mean(loss_sum / loss_count).item()
                     loss_sum.zero_()
                     loss_count = 0
-                    self._evaluate(model, probes, arm, seed, step, train_loss, wall)
+                    if self.team.main:
+                        self._evaluate(model, probes, arm, seed, step, train_loss, wall)
                     model.train()
                     started = time.perf_counter()
-                stopping = self._signal["stop"]
+                # All processes stop at the same step, or the others would wait in a collective.
+                stopping = self.team.any(self._signal["stop"])
                 if step % cfg.train.checkpoint_every == 0 or step == steps or stopping:
                     wall += time.perf_counter() - started
-                    self._save(ckpt_path, model, optimizer, sampler, loss_sum, loss_count, step, wall)
+                    if self.team.main:
+                        self._save(ckpt_path, arm, model, optimizer, sampler, loss_sum, loss_count, step, wall)
+                    self.team.barrier()  # the checkpoint is on disk before anyone may resume from it
                     started = time.perf_counter()
                 if stopping:
                     raise Interrupted(f"stopped at step {step} of {arm} seed {seed}; checkpoint saved")
@@ -296,13 +334,13 @@ class Trainer:
         }
         append_jsonl(self.paths.metrics, [row])
 
-    def _save(self, path: Path, model, optimizer, sampler, loss_sum, loss_count, step, wall) -> None:
+    def _save(self, path: Path, arm: str, model, optimizer, sampler, loss_sum, loss_count, step, wall) -> None:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "loss_sum": loss_sum.cpu(), "loss_count": loss_count, "step": step, "wall_time": wall,
-            "config": config_to_dict(self.config),
+            "config": config_to_dict(self.config), "arm": arm,
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -19,6 +19,9 @@ from ..functional import _TRUE, _compiling
 
 __all__ = ["NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer", "name_layers"]
 
+# -1 outside the autograd engine's backward pass, a task id inside it (torch >= 2.1).
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 NonFinitePolicy = Literal["warn", "skip", "raise"]
 _NONFINITE_POLICIES = ("warn", "skip", "raise")
@@ -48,6 +51,18 @@ def check_eps(owner: str, eps: object) -> None:
         raise TypeError(f"{owner}: eps must be a float >= 0, got {type(eps).__name__} {eps!r}.")
     if not eps >= 0:
         raise ValueError(f"{owner}: eps must be >= 0 (typically 1e-5), got {eps!r}.")
+
+
+def in_backward() -> bool:
+    """Whether the caller runs inside the autograd engine's backward pass.
+
+    A layer's forward runs there when ``torch.utils.checkpoint`` recomputes it (reentrant or
+    not): the running statistics took the batch in at the original forward, so they must not
+    take it in again. False where torch lacks ``torch._C._current_graph_task_id`` (then the
+    statistics are updated twice under checkpointing, as torch's layers do) and while
+    ``torch.compile`` traces.
+    """
+    return _current_graph_task_id is not None and not _compiling() and _current_graph_task_id() != -1
 
 
 def name_layers(model: nn.Module) -> nn.Module:
@@ -89,6 +104,14 @@ class RunningStatsLayer(NormLayer):
       ``num_batches_skipped``. On CPU the warning comes at once; on accelerators it comes when the
       layer leaves training mode (``model.eval()``), so the training step stays free of
       synchronization.
+    * Recompute-safe: a forward that runs inside the backward pass, as
+      ``torch.utils.checkpoint`` (``use_reentrant=True`` or ``False``) recomputes it, leaves the
+      running statistics and the batch count as the original forward left them, so they take
+      each training step in exactly once (torch's layers take it in twice). The rare forward
+      that legitimately runs inside backward (a custom ``autograd.Function.backward`` or a
+      backward hook that calls the layer in training mode) therefore updates nothing either;
+      call such a layer outside backward, or update its statistics with
+      :func:`normlab.functional.batch_norm` yourself.
     """
 
     def _init_options(self, on_nonfinite: NonFinitePolicy, dtype: torch.dtype | None) -> None:
@@ -125,7 +148,13 @@ class RunningStatsLayer(NormLayer):
                 self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
         return result
 
-    def _store_stats(self, running_mean: Tensor, running_var: Tensor, updated: Tensor) -> None:
+    def _store_stats(
+        self, running_mean: Tensor, running_var: Tensor, updated: Tensor, num_batches_tracked: Tensor | None = None
+    ) -> None:
+        """Write new running statistics (and the batch count, if given) into the buffers, unless
+        this forward is a recomputation inside backward (see the class docstring)."""
+        if in_backward():
+            return
         if self.on_nonfinite == "raise" and not bool(updated):
             raise FloatingPointError(
                 f"{self._label()}: the batch statistics are not finite (NaN or inf in the input or "
@@ -136,6 +165,8 @@ class RunningStatsLayer(NormLayer):
         # Running statistics carry no gradient; detach() is cheaper than a no_grad() block.
         buffers["running_mean"].copy_(running_mean.detach())
         buffers["running_var"].copy_(running_var.detach())
+        if num_batches_tracked is not None:
+            buffers["num_batches_tracked"].copy_(num_batches_tracked)
         if updated is _TRUE:  # the CPU fast path's answer, known on the host
             return
         if updated.device.type == "cpu" and not _compiling():

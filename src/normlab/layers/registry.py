@@ -12,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from .batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .group import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer import LayerNorm, RMSNorm
 
@@ -75,7 +76,8 @@ def _none(channels: int, **kw) -> nn.Module:
 
 
 for _family, _classes in (("batch", (BatchNorm1d, BatchNorm2d, BatchNorm3d)),
-                          ("instance", (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d))):
+                          ("instance", (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)),
+                          ("frozen", (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d))):
     register_norm(_family, _by_dim(_classes, _family))
     for _d, _cls in enumerate(_classes, start=1):
         register_norm(f"{_family}{_d}d", _cls)

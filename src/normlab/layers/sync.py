@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from .. import stats as _stats
+from .base import in_backward
 from .batch import _BatchNormMixin
 
 __all__ = ["SyncBatchNorm"]
@@ -131,9 +132,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics span every process of a group; drop-in for
     ``torch.nn.SyncBatchNorm`` that also runs on the CPU (gloo).
+
+    Same arguments, attributes and state-dict keys as ``torch.nn.SyncBatchNorm``, but not its
+    subclass: ``DistributedDataParallel`` refuses every ``torch.nn.SyncBatchNorm`` on the CPU.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the mean and biased variance of the
     batch concatenated across the processes of ``process_group`` (default: the whole world).
@@ -200,7 +204,10 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
                 f"{world} processes, got {int(total)}; use larger batches or drop the last partial one."
             )
         if self.running_mean is not None and self.running_var is not None:
-            self._update_from_pooled(mean, var, total)
+            if self._accumulator is None:
+                self._update_from_pooled(mean, var, total)
+            elif not in_backward():  # inside normlab.accumulate: pool the global statistics
+                self._accumulator.add(mean, var, int(total))
         return out
 
     def _update_from_pooled(self, mean: Tensor, var: Tensor, total: Tensor) -> None:
@@ -213,5 +220,4 @@ class SyncBatchNorm(_BatchNormMixin, nn.SyncBatchNorm):
         )
         updated = torch.sum(mean + var).mul_(0) == 0  # finite exactly when every term is
         self._store_stats(torch.where(updated, new_mean, self.running_mean),
-                          torch.where(updated, new_var, self.running_var), updated)
-        count.add_(updated)
+                          torch.where(updated, new_var, self.running_var), updated, count + updated)

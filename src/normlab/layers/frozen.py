@@ -1,0 +1,213 @@
+"""Frozen batch norm: batch norm's inference formula as a fixed per-channel affine map.
+
+A detection backbone fine-tuned with a few images per GPU cannot estimate batch statistics, so
+its batch norms are frozen: statistics *and* affine parameters become constants (buffers, not
+parameters), and the layer computes, in training and in eval alike::
+
+    scale = weight / sqrt(running_var + eps)          per channel, shape (C,)
+    shift = bias - running_mean * scale
+    y     = x * scale + shift
+
+which is ``torch.nn.BatchNorm*d`` in eval mode. The forward is one ``addcmul``: autograd keeps
+only the ``(C,)`` scale for the input's gradient, never the input itself, unlike
+``torch.batch_norm``'s backward. Buffers carry torch's key names (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), so a batch norm's state dict loads
+with ``strict=True`` (version-1 checkpoints without ``num_batches_tracked`` too), and
+:meth:`from_batchnorm` converts a live layer. Running statistics stay float32 under
+``model.half()``; 16-bit input is transformed in float32 and returned in its dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import NormLayer, check_eps, check_momentum, check_positive_int
+
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class _FrozenBatchNorm(NormLayer, nn.Module):
+    """The state and forward shared by FrozenBatchNorm1d/2d/3d (they differ in the input check)."""
+
+    _version = 2  # torch's batch-norm state-dict version: num_batches_tracked present
+    _ranks: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        momentum: float | None = 0.1,
+    ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_features", num_features)
+        check_eps(owner, eps)
+        check_momentum(owner, momentum)
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = bool(affine)
+        # Not used by the frozen layer: kept so that unfreeze_bn gives back the original layer.
+        self.momentum = momentum
+        factory = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.register_buffer("weight", torch.ones(num_features, **factory))
+            self.register_buffer("bias", torch.zeros(num_features, **factory))
+        else:
+            self.register_buffer("weight", None)
+            self.register_buffer("bias", None)
+        stats_dtype = torch.float32 if dtype in _HALF_DTYPES else dtype
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=stats_dtype))
+        self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=stats_dtype))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> _FrozenBatchNorm:
+        """A frozen copy of a batch norm (torch's or normlab's): same buffers, eps and momentum.
+
+        The class is the one of ``bn``'s rank when called on the base (``FrozenBatchNorm2d`` for
+        a ``BatchNorm2d``); the layer's mode is kept (it does not matter to the forward).
+
+        >>> import torch, normlab
+        >>> from normlab.layers.frozen import FrozenBatchNorm2d
+        >>> bn = torch.nn.BatchNorm2d(4).eval()
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.allclose(FrozenBatchNorm2d.from_batchnorm(bn)(x), bn(x), atol=1e-6)
+        True
+        """
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(
+                f"{cls.__name__}.from_batchnorm: expected a batch-norm layer (torch.nn.BatchNorm1d/2d/3d "
+                f"or normlab's), got {type(bn).__name__}."
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: the layer {bn!r} has no running statistics "
+                f"(track_running_stats=False), so there is nothing to freeze; it normalizes with batch "
+                f"statistics in eval too. Train it with track_running_stats=True or recalibrate first."
+            )
+        target = _rank_class(bn) if cls is _FrozenBatchNorm else cls
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        frozen = target(
+            bn.num_features, bn.eps, bn.weight is not None, device=ref.device, dtype=ref.dtype,
+            momentum=bn.momentum,
+        )
+        with torch.no_grad():
+            if bn.weight is not None:
+                frozen.weight.copy_(bn.weight)
+                frozen.bias.copy_(bn.bias)
+            frozen.running_mean = bn.running_mean.detach().clone()
+            frozen.running_var = bn.running_var.detach().clone()
+            if bn.num_batches_tracked is not None:
+                frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
+        return frozen.train(bn.training)
+
+    def scale_shift(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` of shape ``(C,)``: ``y = x * scale + shift`` (float32 for 16-bit state)."""
+        mean, var = self.running_mean, self.running_var
+        acc = dtype or (torch.float32 if mean.dtype in _HALF_DTYPES else mean.dtype)
+        scale = torch.rsqrt(var.to(acc) + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.to(acc)
+        shift = -mean.to(acc) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(acc)
+        return scale, shift
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"{self._label()}: expected {expected} input (got {input.dim()}D input).")
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
+                f"of shape {tuple(input.shape)}; check the preceding layer's output size."
+            )
+        acc = torch.float32 if input.dtype in _HALF_DTYPES else input.dtype
+        scale, shift = self.scale_shift(acc)
+        view = (1, -1) + (1,) * (input.dim() - 2)
+        # One fused kernel; autograd saves the (C,) scale for dx and the input only when the
+        # weight itself requires a gradient (torch.func users differentiating through buffers).
+        out = torch.addcmul(shift.view(view), input, scale.view(view))
+        return out if out.dtype == input.dtype else out.to(input.dtype)
+
+    def _apply(self, fn, recurse=True):
+        before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
+        result = super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers.get(key)
+            if old is not None and new is not None and new.dtype in _HALF_DTYPES:
+                # Statistics stay float32 under model.half(), as in normlab's batch norm.
+                self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and key not in state_dict:
+            # A version-1 batch-norm checkpoint: keep this layer's count, as torch does.
+            state_dict[key] = self.num_batches_tracked
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    """Frozen batch norm over ``(N, C)`` or ``(N, C, L)``: ``y = x * scale + shift`` with constants.
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``: the
+    eval-mode output of ``BatchNorm1d`` in both modes; nothing is learned or updated.
+
+    Args:
+        num_features: C.
+        eps: added to the variance (default 1e-5).
+        affine: keep ``weight`` (γ) and ``bias`` (β) buffers (False: 1 and 0, no keys).
+        momentum: stored only, for :func:`normlab.surgery.unfreeze_bn` (default 0.1).
+
+    >>> import torch
+    >>> from normlab.layers.frozen import FrozenBatchNorm1d
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> frozen = FrozenBatchNorm1d(3)
+    >>> frozen.load_state_dict(bn.state_dict())
+    <All keys matched successfully>
+    >>> frozen(torch.tensor([[1.0, 2.0, 3.0]]))
+    tensor([[1.0000, 2.0000, 3.0000]])
+    """
+
+    _ranks = (2, 3)
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    """Frozen batch norm over ``(N, C, H, W)``; arguments and formula as :class:`FrozenBatchNorm1d`.
+
+    >>> import torch
+    >>> from normlab.layers.frozen import FrozenBatchNorm2d
+    >>> FrozenBatchNorm2d(8)(torch.randn(2, 8, 4, 4)).shape
+    torch.Size([2, 8, 4, 4])
+    """
+
+    _ranks = (4,)
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    """Frozen batch norm over ``(N, C, D, H, W)``; arguments and formula as :class:`FrozenBatchNorm1d`."""
+
+    _ranks = (5,)
+
+
+def _rank_class(bn: nn.Module) -> type[_FrozenBatchNorm]:
+    if isinstance(bn, nn.BatchNorm1d):
+        return FrozenBatchNorm1d
+    if isinstance(bn, nn.BatchNorm3d):
+        return FrozenBatchNorm3d
+    # BatchNorm2d, and SyncBatchNorm (any rank) whose most common use is 2-D.
+    return FrozenBatchNorm2d

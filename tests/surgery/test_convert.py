@@ -1,0 +1,259 @@
+"""convert_norm, freeze_bn / unfreeze_bn, and the Keras / Flax imports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import reference as ref
+from normlab.layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from normlab.surgery import batchnorm_from_flax, batchnorm_from_keras, convert_norm, freeze_bn, unfreeze_bn
+
+from .helpers import assert_relative_close, assert_untouched, randomize_norms, snapshot
+
+
+def cnn(bn=nn.BatchNorm2d) -> nn.Sequential:
+    torch.manual_seed(0)
+    return randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), bn(8), nn.ReLU(), nn.Conv2d(8, 4, 1), bn(4)))
+
+
+def gamma_beta(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    return bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# convert_norm
+# --------------------------------------------------------------------------------------------
+
+
+def test_batch_to_group_carries_gamma_and_beta():
+    model = cnn()
+    before = snapshot(model)
+    new = convert_norm(model, "group", num_groups=2)
+    assert_untouched(model, before)
+    assert isinstance(new[1], normlab.GroupNorm) and new[1].num_groups == 2 and new[4].num_groups == 2
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    h = new[0].double()(x).detach()
+    expected = ref.group_norm(h.numpy(), 2, *gamma_beta(model[1]), eps=1e-5)
+    np.testing.assert_allclose(new[1].double()(h).detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("source", [nn.BatchNorm1d, FrozenBatchNorm1d])
+def test_batch1d_to_layer_is_layer_norm_over_features(source):
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Linear(3, 6), source(6)))
+    new = convert_norm(model, "layer")
+    assert isinstance(new[1], normlab.GroupNorm) and new[1].num_groups == 1
+    h = torch.randn(5, 6, dtype=torch.float64)
+    expected = ref.layer_norm(h.numpy(), 6, *gamma_beta(model[1]), eps=1e-5)
+    np.testing.assert_allclose(new[1].double()(h).detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_to_instance_carries_running_statistics_when_both_track():
+    model = cnn()
+    new = convert_norm(model, "instance", affine=True, track_running_stats=True)
+    assert isinstance(new[1], normlab.InstanceNorm2d)
+    for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(new[1], key), getattr(model[1], key)), key
+    assert new[1].momentum == model[1].momentum and new[1].eps == model[1].eps
+
+
+def test_torch_batch_norm_to_normlab_batch_norm_is_the_same_function():
+    model = cnn().eval()
+    new = convert_norm(model, "batch")
+    assert type(new[1]) is normlab.BatchNorm2d and type(new[4]) is normlab.BatchNorm2d
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), model(x), rtol=1e-6, atol=1e-6)
+    assert not new.training and not new[1].training
+
+
+def test_rms_only_from_one_dimensional_norms_with_zero_beta():
+    model = randomize_norms(nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5)))
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d -> RMSNorm\): the new layer has no bias to carry the "
+                                         r"old β \(bias\) into, which is not all 0"):
+        convert_norm(model, "rms")
+    with torch.no_grad():
+        model[1].bias.zero_()
+    new = convert_norm(model, "rms")
+    h = torch.randn(4, 5, dtype=torch.float64)
+    expected = ref.rms_norm(h.numpy(), 5, model[1].weight.detach().double().numpy(), eps=1e-5)
+    np.testing.assert_allclose(new[1].double()(h).detach().numpy(), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"'rms' normalizes the trailing dimension.*Use to='layer' or to='group'"):
+        convert_norm(cnn(), "rms")
+
+
+def test_match_restricts_and_none_removes():
+    model = cnn()
+    new = convert_norm(model, "none", match=["4"])
+    assert isinstance(new[4], nn.Identity) and isinstance(new[1], nn.BatchNorm2d)
+    new = convert_norm(new, "batch", match=nn.BatchNorm2d)
+    assert type(new[1]) is normlab.BatchNorm2d
+
+
+def test_convert_errors():
+    with pytest.raises(ValueError, match=r"convert_norm: unknown target norm 'groupnorm'; valid names are \[.*'group'"):
+        convert_norm(cnn(), "groupnorm")
+    with pytest.raises(TypeError, match=r"match picked '0', a Conv2d; only per-channel norms"):
+        convert_norm(cnn(), "group", match=["0"])
+    with pytest.raises(ValueError, match=r"the new layer has no weight to carry the old γ \(weight\) into"):
+        convert_norm(cnn(), "group", affine=False)
+    gn = nn.Sequential(nn.GroupNorm(2, 4))
+    with pytest.raises(ValueError, match=r"to='batch' needs the input rank; pass dim=1, 2 or 3"):
+        convert_norm(gn, "batch", match=nn.GroupNorm)
+    assert type(convert_norm(gn, "batch", match=nn.GroupNorm, dim=2)[0]) is normlab.BatchNorm2d
+
+
+# --------------------------------------------------------------------------------------------
+# freeze / unfreeze
+# --------------------------------------------------------------------------------------------
+
+
+def test_freeze_keeps_state_and_eval_output_in_training_mode():
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Unflatten(1, (3, 1, 1)),
+                                          normlab.BatchNorm2d(3), nn.Unflatten(1, (3, 1)), nn.BatchNorm3d(3)))
+    before = snapshot(model)
+    frozen = freeze_bn(model).train()
+    assert_untouched(model, before)
+    assert [type(frozen[i]) for i in (1, 3, 5)] == [FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d]
+    assert frozen.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.state_dict().items())
+    x = torch.randn(6, 4)
+    assert_relative_close(frozen(x), model.eval()(x), 1e-6)
+    assert list(frozen.parameters()) == list(frozen[0].parameters())  # only the Linear still learns
+
+
+def test_unfreeze_round_trip_restores_state_and_momentum():
+    model = cnn(lambda c: nn.BatchNorm2d(c, momentum=0.03))
+    frozen = freeze_bn(model)
+    before = snapshot(frozen)
+    back = unfreeze_bn(frozen)
+    assert_untouched(frozen, before)
+    assert type(back[1]) is normlab.BatchNorm2d and back[1].momentum == 0.03
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+    torch_back = unfreeze_bn(freeze_bn(model), layer="torch", momentum=None)
+    assert type(torch_back[4]) is nn.BatchNorm2d and torch_back[4].momentum is None
+    partly = freeze_bn(model, match=["4"])
+    assert isinstance(partly[4], FrozenBatchNorm2d) and type(partly[1]) is nn.BatchNorm2d
+
+
+def test_freeze_errors():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"freeze_bn: '1' \(BatchNorm1d\) has no running statistics "
+                                         r"\(track_running_stats=False\).*match="):
+        freeze_bn(model)
+    with pytest.raises(ValueError, match=r"unfreeze_bn: layer must be 'normlab' or 'torch', got 'keras'"):
+        unfreeze_bn(model, layer="keras")
+    with pytest.raises(ValueError, match=r"unfreeze_bn: momentum must lie in \[0, 1\]"):
+        unfreeze_bn(model, momentum=5.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Keras and Flax: the frameworks' formulas written out in NumPy
+# --------------------------------------------------------------------------------------------
+
+
+def arrays(c: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.5, 2, c), rng.normal(size=c), rng.normal(size=c), rng.uniform(0.2, 3, c)
+
+
+def keras_inference(x, gamma, beta, mean, var, epsilon):
+    """keras.layers.BatchNormalization.call(training=False), per channel (axis 1 here)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    inv = 1 / np.sqrt(var + epsilon)
+    if gamma is not None:
+        inv = inv * gamma
+    out = x * inv.reshape(shape) - (mean * inv).reshape(shape)
+    return out + beta.reshape(shape) if beta is not None else out
+
+
+def framework_update(moving, batch, decay):
+    """Keras's and Flax's moving average: the decay weights the old value."""
+    return moving * decay + batch * (1 - decay)
+
+
+@pytest.mark.parametrize("scale, center", [(True, True), (False, True), (True, False), (False, False)])
+def test_keras_inference_and_training_update_match_keras_formulas(scale, center):
+    gamma, beta, mean, var = arrays()
+    gamma, beta = (gamma if scale else None), (beta if center else None)
+    bn = batchnorm_from_keras(gamma, beta, mean, var, momentum=0.9, epsilon=1e-3).double()
+    x = np.random.default_rng(1).normal(2, 3, size=(5, 4, 3, 3))
+    expected = keras_inference(x, gamma, beta, mean, var, 1e-3)
+    np.testing.assert_allclose(bn(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert bn.affine == (scale or center)
+
+    bn.train()(torch.from_numpy(x))
+    axes = (0, 2, 3)
+    np.testing.assert_allclose(bn.running_mean.numpy(), framework_update(mean, x.mean(axes), 0.9), rtol=1e-6)
+    np.testing.assert_allclose(bn.running_var.numpy(), framework_update(var, x.var(axes), 0.9), rtol=1e-6)
+
+
+def test_flax_inference_and_update_match_flax_formulas():
+    scale, bias, mean, var = arrays(3, seed=2)
+    bn = batchnorm_from_flax(scale=scale, bias=bias, mean=mean, var=var, momentum=0.95, dim=1).double()
+    assert type(bn) is normlab.BatchNorm1d and bn.eps == 1e-5 and not bn.training
+    x = np.random.default_rng(3).normal(-1, 2, size=(8, 3))
+    flax_y = (x - mean) * (1 / np.sqrt(var + 1e-5)) * scale + bias  # flax.linen.BatchNorm, use_running_average
+    np.testing.assert_allclose(bn(torch.from_numpy(x)).detach().numpy(), flax_y, rtol=1e-6, atol=1e-6)
+    bn.train()(torch.from_numpy(x))
+    flax_var = (x * x).mean(0) - x.mean(0) ** 2  # Flax's batch variance: E[x^2] - E[x]^2 (biased)
+    np.testing.assert_allclose(bn.running_var.numpy(), framework_update(var, flax_var, 0.95), rtol=1e-6)
+
+
+def test_import_errors():
+    g, b, m, v = arrays()
+    with pytest.raises(ValueError, match=r"batchnorm_from_keras: every array needs one value per channel, got sizes"):
+        batchnorm_from_keras(g, b, m[:3], v)
+    with pytest.raises(ValueError, match=r"the moving variance has negative values \(-1\); a variance is >= 0"):
+        batchnorm_from_keras(g, b, m, -np.ones(4))
+    with pytest.raises(ValueError, match=r"batchnorm_from_flax: dim must be 1, 2 or 3 \(BatchNorm1d/2d/3d\), got 4"):
+        batchnorm_from_flax(g, b, m, v, dim=4)
+    with pytest.raises(ValueError, match=r"gamma must be a 1-D array with one value per channel, got shape \(2, 2\)"):
+        batchnorm_from_keras(np.ones((2, 2)), None, m, v)
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\]"):
+        batchnorm_from_keras(g, b, m, v, momentum=1.5)
+    with pytest.raises(ValueError, match=r"mean has NaN or infinite values"):
+        batchnorm_from_flax(g, b, np.full(4, np.nan), v)
+
+
+def test_against_real_keras_if_installed():
+    keras = pytest.importorskip("keras")
+    gamma, beta, mean, var = arrays()
+    layer = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    layer.build((None, 4))
+    layer.set_weights([gamma, beta, mean, var])
+    x = np.random.default_rng(4).normal(2, 3, size=(6, 4)).astype("float32")
+    expected = keras.ops.convert_to_numpy(layer(x, training=False))
+    bn = batchnorm_from_keras(*layer.get_weights(), momentum=layer.momentum, epsilon=layer.epsilon, dim=1)
+    np.testing.assert_allclose(bn(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    layer(x, training=True)  # one training step moves Keras's moving statistics ...
+    bn.train()(torch.from_numpy(x))  # ... and the converted layer's the same way
+    _, _, moving_mean, moving_var = layer.get_weights()
+    np.testing.assert_allclose(bn.running_mean.numpy(), moving_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var.numpy(), moving_var, rtol=1e-5, atol=1e-6)
+
+
+def test_against_real_flax_if_installed():
+    flax_nn = pytest.importorskip("flax.linen")
+    jnp = pytest.importorskip("jax.numpy")
+    x = np.random.default_rng(5).normal(size=(6, 4)).astype("float32")
+    module = flax_nn.BatchNorm(use_running_average=False, momentum=0.9)
+    import jax
+
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    _, updates = module.apply(variables, jnp.asarray(x * 2 + 1), mutable=["batch_stats"])
+    params, stats = variables["params"], updates["batch_stats"]
+    expected = np.asarray(flax_nn.BatchNorm(use_running_average=True).apply(
+        {"params": params, "batch_stats": stats}, jnp.asarray(x)))
+    bn = batchnorm_from_flax(**params, **stats, momentum=0.9, dim=1)
+    np.testing.assert_allclose(bn(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    # The same training step from Flax's initial statistics moves them as Flax did.
+    start = batchnorm_from_flax(**params, **variables["batch_stats"], momentum=0.9, dim=1).train()
+    start(torch.from_numpy(x * 2 + 1))
+    np.testing.assert_allclose(start.running_mean.numpy(), np.asarray(stats["mean"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(start.running_var.numpy(), np.asarray(stats["var"]), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,218 @@
+"""recalibrate_bn: exact float64 population statistics, everything restored, loud errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab.layers.frozen import FrozenBatchNorm1d
+from normlab.surgery import recalibrate_bn
+
+from .helpers import assert_untouched, randomize_norms, snapshot
+
+SIZES = (7, 13, 5, 11)  # uneven batches: the mean must be weighted by batch size
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return randomize_norms(nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6, momentum=0.3), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(6, 3), normlab.BatchNorm1d(3, momentum=None),
+    ))
+
+
+def data(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 5, generator=g) * 3 + 2 for n in SIZES]
+
+
+def numpy_population(model: nn.Sequential, batches: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The oracle: the MLP in float64 NumPy, each norm normalizing with its batch's statistics
+    (dropout off), and the statistics of each norm's input over the whole data set."""
+    w1, b1 = (t.detach().double().numpy() for t in (model[0].weight, model[0].bias))
+    w2, b2 = (t.detach().double().numpy() for t in (model[4].weight, model[4].bias))
+    g1, be1 = (t.detach().double().numpy() for t in (model[1].weight, model[1].bias))
+    inputs1, inputs2 = [], []
+    for x in batches:
+        h = x.double().numpy() @ w1.T + b1
+        inputs1.append(h)
+        z = (h - h.mean(0)) / np.sqrt(h.var(0) + model[1].eps) * g1 + be1
+        inputs2.append(np.maximum(z, 0) @ w2.T + b2)
+    return [(np.concatenate(a).mean(0), np.concatenate(a).var(0, ddof=1)) for a in (inputs1, inputs2)]
+
+
+def test_equals_float64_population_statistics_of_the_whole_data_set():
+    model = mlp().eval()
+    before = snapshot(model)
+    batches = data()
+    fresh = recalibrate_bn(model, batches)
+    assert_untouched(model, before)
+    for bn, (mean, var) in zip((fresh[1], fresh[5]), numpy_population(model, batches)):
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-6, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 10  # the count is left as it was
+    assert fresh[1].momentum == 0.3 and fresh[5].momentum is None
+    assert not fresh.training and not any(m.training for m in fresh.modules())
+
+
+def test_conv_statistics_over_batch_and_space_with_xy_tuples():
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4))).train()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(n, 2, 6, 5, generator=g) + 1, torch.zeros(n)) for n in (3, 5, 2)]
+    fresh = recalibrate_bn(model, batches)
+    with torch.no_grad():
+        h = torch.cat([model[0].double()(x.double()) for x, _ in batches]).numpy()
+    flat = h.transpose(1, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_allclose(fresh[1].running_mean.numpy(), flat.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fresh[1].running_var.numpy(), flat.var(1, ddof=1), rtol=1e-5)
+    assert fresh.training and fresh[1].training  # modes as the input had them
+
+
+def test_num_batches_uses_only_the_first_batches_and_biased_layers_store_biased():
+    model = nn.Sequential(normlab.BatchNorm1d(5, unbiased=False)).eval()
+    batches = data()
+    fresh = recalibrate_bn(model, iter(batches), num_batches=2)
+    used = torch.cat(batches[:2]).double().numpy()
+    np.testing.assert_allclose(fresh[0].running_var.numpy(), used.var(0), rtol=1e-5)
+    np.testing.assert_allclose(fresh[0].running_mean.numpy(), used.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_restores_momentum_and_modes_and_frozen_norms_are_left_alone():
+    model = nn.Sequential(mlp(), FrozenBatchNorm1d(3)).train()
+    model[0][3].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    frozen_state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    out = recalibrate_bn(model, data(), inplace=True)
+    assert out is model
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert model[0][1].momentum == 0.3 and model[0][5].momentum is None
+    assert all(torch.equal(v, model[1].state_dict()[k]) for k, v in frozen_state.items())
+    mean, var = numpy_population(model[0], data())[0]
+    np.testing.assert_allclose(model[0][1].running_var.double().numpy(), var, rtol=1e-6)
+
+
+def test_error_when_the_loader_runs_short_leaves_the_statistics():
+    model = mlp().eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"recalibrate_bn: the loader yielded only 4 batch\(es\), but "
+                                         r"num_batches=6 were asked for; pass num_batches=4"):
+        recalibrate_bn(model, data(), num_batches=6, inplace=True)
+    assert_untouched(model, before)  # statistics, momenta and modes restored on the error path too
+    assert model[1].momentum == 0.3
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"the model has no batch norm with running statistics"):
+        recalibrate_bn(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), [torch.randn(3, 2)])
+    with pytest.raises(ValueError, match=r"num_batches must be a positive int or None \(the whole loader\), got 0"):
+        recalibrate_bn(mlp(), data(), num_batches=0)
+    with pytest.raises(TypeError, match=r"cannot tell the model's input in a loader item of type dict.*forward="):
+        recalibrate_bn(mlp(), [{"x": torch.randn(4, 5)}])
+    with pytest.raises(ValueError, match=r"'0' saw a single value per channel in all the batches"):
+        recalibrate_bn(nn.Sequential(normlab.BatchNorm1d(2, single_sample="running")), [torch.randn(1, 2)])
+
+
+def test_forward_argument_and_unreached_norm_warns():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Branchy()
+    with pytest.warns(RuntimeWarning, match=r"no batch reached 'unused'.*left as they were"):
+        fresh = recalibrate_bn(model, [{"x": torch.randn(6, 2) + 5}], forward=lambda m, b: m(b["x"]))
+    assert float(fresh.used.running_mean.min()) > 3 and torch.equal(fresh.unused.running_mean, torch.zeros(2))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.distributed: two gloo processes on localhost
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        batches = data()
+        mine = batches[:1] if rank == 0 else batches[1:]  # unequal shares: 7 vs 29 samples
+        fresh = recalibrate_bn(mlp().eval(), mine)
+        torch.save({k: v for k, v in fresh.state_dict().items() if "running" in k}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_rank_stats(stats: dict) -> None:
+    for prefix, (mean, var) in zip(("1", "5"), numpy_population(mlp(), data())):
+        np.testing.assert_allclose(stats[f"{prefix}.running_mean"].double().numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats[f"{prefix}.running_var"].double().numpy(), var, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_all_reduce_merges_ranks_exactly(monkeypatch):
+    """Two ranks as threads with a summing all_reduce: the pooled statistics include the
+    between-rank part (fast; the real gloo test below is marked slow)."""
+    import threading
+
+    dist = torch.distributed
+    barrier = threading.Barrier(2)
+    slots: dict[int, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def all_reduce(tensor):
+        with lock:
+            slots[threading.get_ident()] = tensor.clone()
+        barrier.wait()
+        total = sum(slots.values())
+        if barrier.wait() == 0:  # one thread clears, once both have read
+            slots.clear()
+        barrier.wait()  # nobody deposits the next call's tensor before the clearing
+        tensor.copy_(total)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    results: dict[int, dict] = {}
+    models = [mlp().eval(), mlp().eval()]  # built here: seeding is not thread-safe
+
+    def rank(r: int) -> None:
+        batches = data()
+        fresh = recalibrate_bn(models[r], batches[:1] if r == 0 else batches[1:])
+        results[r] = {k: v for k, v in fresh.state_dict().items() if "running" in k}
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == [0, 1]
+    for r in (0, 1):
+        _check_rank_stats(results[r])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_distributed_ranks_get_the_statistics_of_all_their_batches(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "stats")
+    torch.multiprocessing.start_processes(_rank_main, args=(port, out), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        _check_rank_stats(torch.load(f"{out}.{rank}", weights_only=True))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([os.path.abspath(__file__)]))
