@@ -55,10 +55,12 @@ from types import TracebackType
 
 from torch import Tensor, nn
 
+from .stats import Moments
+
 __all__ = ["Accumulation", "StatPool", "accumulate"]
 
 
-class StatPool:
+class StatPool(Moments):
     """The pooled sufficient statistics (count, mean, M2) of the micro-batches one layer saw.
 
     >>> import torch
@@ -69,41 +71,22 @@ class StatPool:
     (tensor([2.]), tensor([1.5000]), 4)
     """
 
-    __slots__ = ("count", "m2", "mean")
-
-    def __init__(self) -> None:
-        self.reset()
+    __slots__ = ()
 
     def __deepcopy__(self, memo: dict) -> None:
         # A copy of the model made inside the block (an EMA or SWA twin) is no part of the
         # block: it must not pool into a pool that no step() will ever apply.
         return None
 
-    def reset(self) -> None:
-        """Forget everything pooled so far."""
-        self.count: int = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
     def add(self, mean: Tensor, var: Tensor, count: int) -> None:
         """Pool a batch's per-channel mean and biased variance over ``count`` values."""
-        if count == 0:
-            return
-        mean, m2 = mean.detach(), var.detach() * count
-        if self.count == 0:
-            self.mean, self.m2, self.count = mean.clone(), m2, count
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
-        self.count = total
+        self.merge(count, mean.detach(), var.detach() * count)
 
     def result(self) -> tuple[Tensor, Tensor, int] | None:
         """``(mean, biased variance, count)`` of everything pooled, or None when nothing was."""
         if self.count == 0:
             return None
-        return self.mean, self.m2 / self.count, self.count
+        return self.mean, self.var, self.count
 
 
 def _joins(module: nn.Module) -> bool:

@@ -38,6 +38,7 @@ __all__ = [
     "unbiased_var",
     "update_running_stats",
     "combine_moments",
+    "Moments",
     "momentum_from_decay",
     "decay_from_momentum",
     "from_keras",
@@ -159,6 +160,53 @@ def update_running_stats(
             cumulative_average(running_var, var, num_batches_tracked),
         )
     return ema(running_mean, batch_mean, momentum), ema(running_var, var, momentum)
+
+
+class Moments:
+    """Per-channel count, mean and sum of squared deviations (M2), merged part by part.
+
+    Merging uses Chan, Golub & LeVeque's pairwise rule, stable where ``E[x^2] - E[x]^2`` is not::
+
+        n = n_a + n_b,  delta = mean_b - mean_a
+        mean = mean_a + delta * n_b / n
+        M2   = M2_a + M2_b + delta^2 * n_a n_b / n
+
+    >>> import torch
+    >>> m = Moments()
+    >>> m.merge(2, torch.tensor([1.0]), torch.tensor([0.0]))   # values 1, 1
+    >>> m.merge(2, torch.tensor([3.0]), torch.tensor([2.0]))   # values 2, 4
+    >>> m.count, m.mean, m.var                                  # of 1, 1, 2, 4
+    (4, tensor([2.]), tensor([1.5000]))
+    """
+
+    __slots__ = ("count", "mean", "m2")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything merged so far."""
+        self.count: int = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def merge(self, count: int, mean: Tensor, m2: Tensor) -> None:
+        """Merge a part of ``count`` values per channel with this mean and M2 (no-op for 0)."""
+        if count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean.clone(), m2.clone()
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
+        self.count = total
+
+    @property
+    def var(self) -> Tensor | None:
+        """The biased variance ``M2 / count`` (None before anything was merged)."""
+        return None if self.count == 0 else self.m2 / self.count
 
 
 def combine_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -162,7 +162,7 @@ def _check_rank_stats(stats: dict) -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_all_reduce_merges_ranks_exactly(monkeypatch):
-    """Two ranks as threads with a summing all_reduce: the pooled statistics include the
+    """Two ranks as threads with an all_gather: the pooled statistics include the
     between-rank part (fast; the real gloo test below is marked slow)."""
     import threading
 
@@ -171,19 +171,19 @@ def test_all_reduce_merges_ranks_exactly(monkeypatch):
     slots: dict[int, torch.Tensor] = {}
     lock = threading.Lock()
 
-    def all_reduce(tensor):
+    def all_gather(out, tensor):
         with lock:
-            slots[threading.get_ident()] = tensor.clone()
+            slots[threading.current_thread().name] = tensor.clone()
         barrier.wait()
-        total = sum(slots.values())
+        for slot, key in zip(out, sorted(slots)):  # rank order: threads are named "0", "1"
+            slot.copy_(slots[key])
         if barrier.wait() == 0:  # one thread clears, once both have read
             slots.clear()
         barrier.wait()  # nobody deposits the next call's tensor before the clearing
-        tensor.copy_(total)
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
     results: dict[int, dict] = {}
     models = [mlp().eval(), mlp().eval()]  # built here: seeding is not thread-safe
 
@@ -192,7 +192,7 @@ def test_all_reduce_merges_ranks_exactly(monkeypatch):
         fresh = recalibrate_bn(models[r], batches[:1] if r == 0 else batches[1:])
         results[r] = {k: v for k, v in fresh.state_dict().items() if "running" in k}
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=rank, args=(r,), name=str(r)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:

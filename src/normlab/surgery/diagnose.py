@@ -208,13 +208,13 @@ def batch_vs_running_gap(
     gaps = []
     for name, m in norms.items():
         acc = moments[name]
-        if acc.n < 2:
+        if acc.count < 2:
             continue
-        divisor = acc.n - 1 if getattr(m, "unbiased", True) else acc.n
+        divisor = acc.count - 1 if getattr(m, "unbiased", True) else acc.count
         rm, rv = m.running_mean.double(), m.running_var.double()
         shift = (acc.mean - rm).abs() / torch.sqrt(rv + m.eps)
         ratio = (acc.m2 / divisor) / rv
-        gaps.append(StatsGap(name or "<model>", acc.n, float(shift.max()), float(shift.mean()),
+        gaps.append(StatsGap(name or "<model>", acc.count, float(shift.max()), float(shift.mean()),
                              float(ratio.min()), float(ratio.max())))
     return gaps
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..stats import Moments, combine_moments
 from .walk import find_modules
 
 __all__ = ["recalibrate_bn"]
@@ -36,36 +37,18 @@ __all__ = ["recalibrate_bn"]
 Forward = Callable[[nn.Module, Any], Any]
 
 
-class _Moments:
-    """Count, mean and sum of squared deviations per channel, merged batch by batch (float64)."""
+class _Moments(Moments):
+    """A layer's input moments in float64, merged batch by batch."""
 
-    __slots__ = ("n", "mean", "m2")
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
+    __slots__ = ()
 
     def add(self, x: Tensor) -> None:
         if x.dim() < 2 or x.numel() == 0:
             return
-        dims = [0, *range(2, x.dim())]
         xd = x.detach().to(torch.float64)
+        var, mean = torch.var_mean(xd, dim=[0, *range(2, x.dim())], correction=0)
         n = xd.numel() // xd.shape[1]
-        var, mean = torch.var_mean(xd, dim=dims, correction=0)
         self.merge(n, mean, var * n)
-
-    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
-        if n == 0:
-            return
-        if self.n == 0:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.n = total
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -153,30 +136,31 @@ def collect_moments(
 
 
 def _all_reduce(moments: dict[str, _Moments], layers: dict[str, nn.Module]) -> None:
+    """Replace each rank's moments with those of all ranks together (one all_gather)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    names = list(moments)
     ref = next(iter(layers.values()))
     device = ref.running_mean.device if getattr(ref, "running_mean", None) is not None else _model_device(ref)
-    sizes = [layers[n].num_features for n in names]
-    zeros = [torch.zeros(c, dtype=torch.float64, device=device) for c in sizes]
-    counts = torch.tensor([float(moments[n].n) for n in names], dtype=torch.float64, device=device)
-    sums = torch.cat([(m.mean * m.n if m.n else z).to(device) for m, z in zip(moments.values(), zeros)])
-    first = torch.cat([counts, sums])
-    dist.all_reduce(first)  # SUM
-    total = first[: len(names)]
-    means = first[len(names):].split(sizes)
-    global_means = [s / t if t > 0 else s for s, t in zip(means, total.tolist())]
-    # Within-rank M2 plus this rank's between-part about the global mean.
-    second = torch.cat([
-        (m.m2.to(device) + m.n * (m.mean.to(device) - g).square()) if m.n else z
-        for m, g, z in zip(moments.values(), global_means, zeros)
-    ])
-    dist.all_reduce(second)
-    for name, n, mean, m2 in zip(names, total.tolist(), global_means, second.split(sizes)):
-        acc = moments[name]
-        acc.n, acc.mean, acc.m2 = int(round(n)), mean, m2
+    sizes = [layers[name].num_features for name in moments]
+    parts = []
+    for m, size in zip(moments.values(), sizes):
+        zeros = torch.zeros(size, dtype=torch.float64, device=device)
+        parts += [torch.tensor([float(m.count)], dtype=torch.float64, device=device),
+                  zeros if m.count == 0 else m.mean.to(device), zeros if m.count == 0 else m.m2.to(device)]
+    packed = torch.cat(parts)
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, packed)
+    table = torch.stack(gathered)
+    offset = 0
+    for (name, m), size in zip(moments.items(), sizes):
+        counts = table[:, offset]
+        means = table[:, offset + 1 : offset + 1 + size]
+        m2s = table[:, offset + 1 + size : offset + 1 + 2 * size]
+        offset += 1 + 2 * size
+        total, mean, m2 = combine_moments(counts, means, m2s)
+        m.reset()
+        m.merge(int(round(float(total))), mean, m2)
 
 
 def recalibrate_bn(
@@ -239,8 +223,8 @@ def recalibrate_bn(
                 getattr(m, key).copy_(value)
         for m, mode in modes.items():
             m.training = mode
-    unreached = [name for name, acc in moments.items() if acc.n == 0]
-    too_few = [name for name, acc in moments.items() if acc.n == 1]
+    unreached = [name for name, acc in moments.items() if acc.count == 0]
+    too_few = [name for name, acc in moments.items() if acc.count == 1]
     if too_few:
         raise ValueError(
             f"{where}: {', '.join(map(repr, too_few))} saw a single value per channel in all the batches; "
@@ -255,9 +239,9 @@ def recalibrate_bn(
     with torch.no_grad():
         for name, m in norms.items():
             acc = moments[name]
-            if acc.n < 2:
+            if acc.count < 2:
                 continue
-            divisor = acc.n - 1 if getattr(m, "unbiased", True) else acc.n
+            divisor = acc.count - 1 if getattr(m, "unbiased", True) else acc.count
             m.running_mean.copy_(acc.mean.to(m.running_mean))
             m.running_var.copy_((acc.m2 / divisor).to(m.running_var))
     return target
