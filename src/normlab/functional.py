@@ -41,6 +41,11 @@ from .stats import update_running_stats
 
 __all__ = [
     "BatchNormResult",
+    "BatchStats",
+    "batch_norm_with_stats",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "ghost_batch_sizes",
     "InstanceNormResult",
     "batch_norm",
     "channel_mean_var",
@@ -876,3 +881,446 @@ def _guarded_update(
     new_var = torch.where(updated, new_var, running_var)
     new_count = None if num_batches_tracked is None else num_batches_tracked + updated
     return new_mean, new_var, new_count, updated
+
+
+# --------------------------------------------------------------------------------------------
+# Batch renormalization (Ioffe 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def _renorm_factors(
+    mean: Tensor, invstd: Tensor, running_mean: Tensor, running_var: Tensor,
+    r_max: float | Tensor, d_max: float | Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Ioffe's corrections from the batch mean and ``1 / sigma_B`` and the running statistics:
+    ``r = clip(sigma_B / sigma, 1 / r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``
+    with ``sigma = sqrt(running_var + eps)``; detached (constants for backpropagation)."""
+    inv_sigma = torch.rsqrt(running_var.to(mean.dtype) + eps)
+    if isinstance(r_max, Tensor):
+        r_max = r_max.to(mean.dtype)
+    if isinstance(d_max, Tensor):
+        d_max = d_max.to(mean.dtype)
+    r_min = 1.0 / r_max if not isinstance(r_max, Tensor) else r_max.reciprocal()
+    r = torch.clamp(inv_sigma / invstd, r_min, r_max)
+    d = torch.clamp((mean - running_mean.to(mean.dtype)) * inv_sigma, -d_max, d_max)
+    return r.detach(), d.detach()
+
+
+def _renorm_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-channel affine map of batch renorm on x_hat: ``y = x_hat * (gamma r) + (gamma d + beta)``;
+    differentiable in gamma and beta, so autograd gives ``dgamma = sum(dy (x_hat r + d))``."""
+    scale = r if weight is None else weight * r
+    shift = d if weight is None else weight * d
+    return scale, shift if bias is None else shift + bias
+
+
+class _NormalizeWithStats(torch.autograd.Function):
+    """Training-mode batch norm with the batch statistics given, on torch's kernels.
+
+    Forward: torch's inference kernel, ``(x - mean) / sqrt(var + eps) * weight + bias`` in one
+    pass. Backward: torch's training-mode backward given the mean and 1 / sigma, so dx includes
+    the statistics' dependence on x as batch norm's does, and the kernel's own parameter sums.
+    For the float32/float64 input whose statistics torch's kernels compute accurately
+    (:func:`_fast_kernel_ok`); :class:`_BatchNormGivenStats` serves the others.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        # Under create_graph=True this op is recorded: torch's backward has a double backward.
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]),
+        )
+        return gx, gw, gb, None, None, None
+
+
+def _fast_kernel_ok(x: Tensor, stable_stats: bool, n: int) -> bool:
+    """Whether torch's plain kernels serve: float32/float64 eager input whose statistics they
+    compute accurately (not the blocked statistics of channel-innermost CPU input)."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and not _compiling()
+        and not _transformed(x)
+        and not (stable_stats and _channel_innermost(x) and n >= _STABLE_MIN_ROWS)
+    )
+
+
+def _accurate_mean_var(x: Tensor, eps: float, stable_stats: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of a detached ``x``, as accurate as
+    :func:`batch_norm`'s: blocked statistics for channel-innermost CPU input, torch's kernel
+    otherwise, computed again after a shift for ill-conditioned channels."""
+    if stable_stats and _channel_innermost(x) and _values_per_channel(x) >= _STABLE_MIN_ROWS:
+        return channel_mean_var(x)
+    _, mean, var = _native_training_forward(x, None, None, eps)
+    if _ill_conditioned(mean, var, eps):
+        shift = mean
+        _, mean, var = _native_training_forward(x.to(shift.dtype) - _channel_view(shift, x), None, None, eps)
+        mean = mean + shift
+    return mean, var
+
+
+def _check_renorm_limits(r_max: object, d_max: object, where: str) -> None:
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if isinstance(value, Tensor):
+            continue  # a schedule's value on the device: checking it would synchronize
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: {name} must be a number >= {low:g}, got {type(value).__name__} {value!r}.")
+        if not value >= low:
+            raise ValueError(
+                f"{where}: {name} must be >= {low:g} ({'r_max = 1' if name == 'r_max' else 'd_max = 0'} "
+                f"turns the correction off), got {value!r}."
+            )
+
+
+def _batch_renorm_train(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+    stable_stats: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Training-mode batch renorm without the running update: ``(output, batch_mean, biased
+    batch_var, known_finite)``, the statistics detached, in float32 for 16-bit input.
+    ``known_finite`` is True when the statistics were checked finite on the host (CPU)."""
+    acc = _acc_dtype(input)
+    w, b = _cast(weight, acc), _cast(bias, acc)
+    n = _values_per_channel(input)
+    if _fast_kernel_ok(input, stable_stats, n) and input.device.type in ("cpu", "cuda"):
+        # torch's statistics kernel (the passes its training kernel makes before normalizing),
+        # then its inference kernel applies gamma r and gamma d + beta: torch's training cost.
+        mean, var = torch.batch_norm_update_stats(input.detach(), None, None, 1.0)
+        on_cpu = input.device.type == "cpu"
+        if on_cpu:
+            # The largest |mean| / sigma_B is finite exactly when the statistics are, and says
+            # whether the kernel's x * a + b form keeps its precision (see batch_norm); the
+            # other batches take the general path below. Free on the host, as in batch_norm.
+            with np.errstate(all="ignore"):
+                worst = float(np.max(np.abs(mean.numpy()) / np.sqrt(var.numpy() + eps)))
+        if not on_cpu or worst <= _PRECISE_CONDITION:
+            r, d = _renorm_factors(mean, torch.rsqrt(var + eps), running_mean, running_var, r_max, d_max, eps)
+            scale, shift = _renorm_affine(w, b, r, d)
+            return _NormalizeWithStats.apply(input, scale, shift, mean, var, eps), mean, var, on_cpu
+    mean, var = _accurate_mean_var(input.detach(), eps, stable_stats)
+    r, d = _renorm_factors(mean, torch.rsqrt(var + eps), running_mean, running_var, r_max, d_max, eps)
+    scale, shift = _renorm_affine(w, b, r, d)
+    out = _BatchNormGivenStats.apply(input, scale, shift, mean, var, eps, _ill_conditioned(mean, var, eps))
+    return out, mean, var, False
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    r_max: float | Tensor = 3.0,
+    d_max: float | Tensor = 5.0,
+    num_batches_tracked: Tensor | None = None,
+    unbiased: bool = True,
+    stable_stats: bool = True,
+) -> BatchNormResult:
+    """Batch renormalization (Ioffe 2017): batch norm corrected towards the running statistics.
+
+    In training, per channel, with the batch mean ``mu_B``, ``sigma_B = sqrt(var_B + eps)``
+    (biased ``var_B``) and ``sigma = sqrt(running_var + eps)`` before this batch's update::
+
+        r = clip(sigma_B / sigma, 1 / r_max, r_max)        d = clip((mu_B - running_mean) / sigma, -d_max, d_max)
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    with ``r`` and ``d`` constants for backpropagation (detached), so
+    ``dgamma = sum(dy * (x_hat r + d))``, ``dbeta = sum(dy)`` and dx is batch norm's with
+    weight ``gamma r``. The running statistics are then updated as by :func:`batch_norm`
+    (torch's momentum, unbiased variance, ``num_batches_tracked + 1``) and returned. With
+    ``r_max = 1`` and ``d_max = 0`` (r = 1, d = 0) this is batch norm. In eval mode, or without
+    running statistics (r = 1, d = 0), it is :func:`batch_norm`.
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *)``.
+        running_mean, running_var: ``(C,)``, or None (then plain batch norm).
+        weight, bias: ``(C,)`` or None.
+        training, momentum, eps, num_batches_tracked, unbiased, stable_stats: as :func:`batch_norm`.
+        r_max: the largest correction of the scale (>= 1; default 3, the paper's final value).
+        d_max: the largest correction of the shift (>= 0; default 5, the paper's final value).
+            Either may be a 0-dim tensor (a schedule's value; not checked, to stay on the device).
+
+    Returns:
+        :class:`BatchNormResult` ``(output, running_mean, running_var, num_batches_tracked, updated)``.
+
+    >>> import torch
+    >>> x = torch.tensor([[1.0], [3.0]])   # batch mean 2, std 1; running mean 0, var 1
+    >>> r = batch_renorm(x, torch.zeros(1), torch.ones(1), training=True, r_max=3.0, d_max=1.0, eps=0.0)
+    >>> r.output.squeeze(1)                # x_hat * 1 + clip(2, -1, 1)
+    tensor([0., 2.])
+    """
+    _check_renorm_limits(r_max, d_max, "batch_renorm")
+    if not training or running_mean is None or running_var is None:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked=num_batches_tracked, unbiased=unbiased, stable_stats=stable_stats)
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_renorm: input must be (N, C) or (N, C, *), got a {input.dim()}-D tensor of shape "
+            f"{tuple(input.shape)}; add a batch dimension with x.unsqueeze(0)."
+        )
+    _check_per_channel(input, input.shape[1], "batch_renorm", running_mean=running_mean,
+                       running_var=running_var, weight=weight, bias=bias)
+    _stats.check_momentum(momentum, owner="batch_renorm")
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError(
+            "batch_renorm: momentum=None (cumulative average) needs num_batches_tracked, the count "
+            "of batches already averaged; pass torch.tensor(0) for a fresh layer."
+        )
+    n = _values_per_channel(input)
+    if n == 1:
+        raise ValueError(
+            f"batch_renorm: training needs more than one value per channel to compute a batch "
+            f"variance, got input of shape {tuple(input.shape)}. Use a larger batch, drop the last "
+            f"partial batch (DataLoader(drop_last=True)), or normalize with running statistics."
+        )
+    if n == 0:  # an empty batch: an empty output, statistics and count untouched
+        acc = _acc_dtype(input)
+        out = _empty_output(input, _cast(weight, acc), _cast(bias, acc))
+        return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+    out, mean, var, known_finite = _batch_renorm_train(
+        input, running_mean, running_var, weight, bias, eps, r_max, d_max, stable_stats
+    )
+    count = num_batches_tracked if num_batches_tracked is not None else 0
+    new_mean, new_var = update_running_stats(running_mean, running_var, mean, var, n, momentum, count, unbiased)
+    if known_finite:
+        updated = _TRUE
+        new_count = None if num_batches_tracked is None else num_batches_tracked + 1
+    else:
+        updated = torch.sum(mean + var).mul_(0) == 0  # finite statistics, as in batch_norm
+        new_mean = torch.where(updated, new_mean, running_mean)
+        new_var = torch.where(updated, new_var, running_var)
+        new_count = None if num_batches_tracked is None else num_batches_tracked + updated
+    return BatchNormResult(out, new_mean, new_var, new_count, updated)
+
+
+# --------------------------------------------------------------------------------------------
+# Ghost batch normalization (Hoffer, Hubara & Soudry 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def ghost_batch_sizes(n: int, virtual_batch_size: int) -> list[int]:
+    """The sizes of the virtual batches a batch of ``n`` samples is cut into (along dimension 0).
+
+    ``virtual_batch_size`` consecutive samples each; the last virtual batch holds the rest and
+    may be smaller, except that a rest of one sample joins the virtual batch before it (one
+    sample gives no batch statistics). A batch of at most ``virtual_batch_size`` samples is one
+    virtual batch.
+
+    >>> ghost_batch_sizes(10, 4), ghost_batch_sizes(9, 4), ghost_batch_sizes(3, 4)
+    ([4, 4, 2], [4, 5], [3])
+    """
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+        raise TypeError(
+            f"ghost_batch_norm: virtual_batch_size must be an int >= 2, got "
+            f"{type(virtual_batch_size).__name__} {virtual_batch_size!r}."
+        )
+    if virtual_batch_size < 2:
+        raise ValueError(
+            f"ghost_batch_norm: virtual_batch_size must be >= 2 (a virtual batch of one sample has "
+            f"no batch statistics), got {virtual_batch_size}."
+        )
+    if n <= virtual_batch_size:
+        return [n]
+    full, rest = divmod(n, virtual_batch_size)
+    sizes = [virtual_batch_size] * full
+    if rest == 1:
+        sizes[-1] += 1
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
+class _GhostBatchNormKernel(torch.autograd.Function):
+    """Training-mode batch norm of each virtual batch on torch's kernels, one call per virtual batch.
+
+    Virtual batches are consecutive slices along dimension 0, so each is a contiguous view (in
+    any memory format) of the input and of one preallocated output, which the forward kernel
+    writes directly: no concatenation. The backward kernel's out= form computes each slice of
+    the input gradient and copies it into place (one copy of the gradient in all; torch has no
+    in-place backward kernel). The running statistics given (copies) are updated by the kernel,
+    virtual batch by virtual batch, with torch's momentum rule; None for no update. Outputs: y
+    and the per-virtual-batch means and ``1 / sigma`` (``(G, C)``, no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, sizes, momentum, eps):
+        out = torch.empty_like(x)
+        stats_dtype = _acc_dtype(x)
+        means = torch.empty(len(sizes), x.shape[1], dtype=stats_dtype, device=x.device)
+        invstds = torch.empty_like(means)
+        for i, (xs, ys) in enumerate(zip(x.split(sizes), out.split(sizes))):
+            torch.native_batch_norm(xs, weight, bias, running_mean, running_var, True, momentum, eps,
+                                    out=(ys, means[i], invstds[i]))
+        ctx.save_for_backward(x, weight, means, invstds)
+        ctx.sizes, ctx.eps = sizes, eps
+        ctx.mark_non_differentiable(means, invstds)
+        return out, means, invstds
+
+    @staticmethod
+    def backward(ctx, grad_out, _means, _invstds):
+        x, weight, means, invstds = ctx.saved_tensors
+        sizes, eps = ctx.sizes, ctx.eps
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [need_x, need_w, need_b]
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        pieces = zip(grad_out.split(sizes), x.split(sizes), means, invstds)
+        if torch.is_grad_enabled():  # create_graph=True: torch's backward has a double backward
+            parts = [torch.ops.aten.native_batch_norm_backward(g, xs, weight, None, None, m, s, True, eps, mask)
+                     for g, xs, m, s in pieces]
+            gx = torch.cat([p[0] for p in parts]) if need_x else None
+            gw = torch.stack([p[1] for p in parts]).sum(0) if need_w else None
+            gb = torch.stack([p[2] for p in parts]).sum(0) if need_b else None
+            return gx, gw, gb, None, None, None, None, None
+        # The out= form wants every output: the parameter sums come from the same passes.
+        gx = torch.empty_like(x)
+        param_dtype = weight.dtype if weight is not None else x.dtype
+        gws = torch.empty(len(sizes), x.shape[1], dtype=param_dtype, device=x.device)
+        gbs = torch.empty_like(gws)
+        for i, ((g, xs, m, s), gxs) in enumerate(zip(pieces, gx.split(sizes))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                g, xs, weight, None, None, m, s, True, eps, [True, True, True], out0=gxs, out1=gws[i], out2=gbs[i],
+            )
+        return (gx if need_x else None, gws.sum(0) if need_w else None, gbs.sum(0) if need_b else None,
+                None, None, None, None, None)
+
+
+def _ghost_kernel_path(x, weight, bias, running_mean, running_var, update, sizes, momentum, eps,
+                       num_batches_tracked):
+    """The ghost forward on torch's kernels (float momentum and unbiased variance: torch's rule),
+    or None where the general path must serve: running statistics in another dtype than the
+    input, or (on the CPU) an ill-conditioned or non-finite virtual batch."""
+    rm = running_mean.clone() if update else None
+    rv = running_var.clone() if update else None
+    if update and (rm.dtype != x.dtype or rv.dtype != x.dtype):
+        return None  # torch's kernel wants running statistics in the input's dtype
+    out, means, invstds = _GhostBatchNormKernel.apply(
+        x, weight, bias, rm, rv, sizes, momentum if update else 0.0, eps
+    )
+    if x.device.type == "cpu":
+        worst = float(np.max(np.abs(means.numpy() * invstds.numpy())))  # see _kernel_updates_stats
+        if not worst <= _PRECISE_CONDITION:
+            return None
+        updated = _TRUE
+    else:
+        updated = torch.sum(means + invstds).mul_(0) == 0
+    if not update:
+        return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+    if updated is _TRUE:
+        count = None if num_batches_tracked is None else num_batches_tracked + len(sizes)
+        return BatchNormResult(out, rm, rv, count, updated)
+    rm = torch.where(updated, rm, running_mean)
+    rv = torch.where(updated, rv, running_var)
+    count = None if num_batches_tracked is None else num_batches_tracked + len(sizes) * updated
+    return BatchNormResult(out, rm, rv, count, updated)
+
+
+def ghost_batch_norm(
+    input: Tensor,
+    virtual_batch_size: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    unbiased: bool = True,
+    stable_stats: bool = True,
+) -> BatchNormResult:
+    """Ghost batch normalization (Hoffer, Hubara & Soudry 2017): batch statistics per virtual batch.
+
+    Where batch norm uses batch statistics (``training``, or no running statistics), the batch
+    is cut along dimension 0 into the virtual batches of :func:`ghost_batch_sizes`, and each is
+    normalized as by :func:`batch_norm` with its own mean and variance. In training the running
+    statistics take one update per virtual batch, in order (the paper's Algorithm 1: exactly
+    :func:`batch_norm` applied virtual batch by virtual batch), and ``num_batches_tracked``
+    grows by the number of virtual batches; the effective momentum per call is
+    ``1 - (1 - momentum) ** G`` for G virtual batches. A call in which any virtual batch has
+    non-finite statistics leaves the running statistics and the count as they were (``updated``
+    is False). In eval mode with running statistics this is :func:`batch_norm`.
+
+    Args:
+        input: ``(N, C)`` or ``(N, C, *)``.
+        virtual_batch_size: samples per virtual batch (int >= 2).
+        running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+            unbiased, stable_stats: as :func:`batch_norm`.
+
+    Returns:
+        :class:`BatchNormResult` ``(output, running_mean, running_var, num_batches_tracked, updated)``.
+
+    >>> import torch
+    >>> x = torch.tensor([[0.0], [2.0], [10.0], [14.0]])
+    >>> r = ghost_batch_norm(x, 2, torch.zeros(1), torch.ones(1), training=True, momentum=0.5,
+    ...                      eps=0.0, num_batches_tracked=torch.tensor(0))
+    >>> r.output.squeeze(1), int(r.num_batches_tracked)
+    (tensor([-1.,  1., -1.,  1.]), 2)
+    """
+    if input.dim() < 2:
+        raise ValueError(
+            f"ghost_batch_norm: input must be (N, C) or (N, C, *), got a {input.dim()}-D tensor of "
+            f"shape {tuple(input.shape)}; add a batch dimension with x.unsqueeze(0)."
+        )
+    sizes = ghost_batch_sizes(input.shape[0], virtual_batch_size)
+    use_batch_stats = training or running_mean is None
+    if not use_batch_stats or len(sizes) == 1:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked=num_batches_tracked, unbiased=unbiased, stable_stats=stable_stats)
+    _check_per_channel(input, input.shape[1], "ghost_batch_norm", running_mean=running_mean,
+                       running_var=running_var, weight=weight, bias=bias)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("ghost_batch_norm: give both running_mean and running_var, or neither.")
+    _stats.check_momentum(momentum, owner="ghost_batch_norm")
+    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+        raise ValueError(
+            "ghost_batch_norm: momentum=None (cumulative average) needs num_batches_tracked, the "
+            "count of (virtual) batches already averaged; pass torch.tensor(0) for a fresh layer."
+        )
+    update = training and running_mean is not None
+    per_sample = _values_per_channel(input) // input.shape[0]
+    if (_fast_kernel_ok(input, stable_stats, max(sizes) * per_sample)
+            and (not update or (isinstance(momentum, float) and unbiased))):
+        acc = _acc_dtype(input)
+        fast = _ghost_kernel_path(input, _cast(weight, acc), _cast(bias, acc), running_mean, running_var,
+                                  update, sizes, momentum, eps, num_batches_tracked)
+        if fast is not None:
+            return fast
+    outs, flags = [], []
+    mean, var, count = running_mean, running_var, num_batches_tracked
+    for piece in input.split(sizes):
+        r = batch_norm(piece, mean, var, weight, bias, training, momentum, eps,
+                       num_batches_tracked=count, unbiased=unbiased, stable_stats=stable_stats)
+        outs.append(r.output)
+        mean, var, count = r.running_mean, r.running_var, r.num_batches_tracked
+        flags.append(r.updated)
+    out = torch.cat(outs)
+    if not update:
+        return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
+    if all(f is _TRUE for f in flags):
+        return BatchNormResult(out, mean, var, count, _TRUE)
+    updated = torch.stack(flags).all()
+    mean = torch.where(updated, mean, running_mean)
+    var = torch.where(updated, var, running_var)
+    if count is not None:
+        count = torch.where(updated, count, num_batches_tracked)
+    return BatchNormResult(out, mean, var, count, updated)

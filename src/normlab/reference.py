@@ -72,6 +72,15 @@ __all__ = [
     "instance_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "masked_batch_norm",
+    "masked_batch_norm_backward",
+    "batch_norm_act",
+    "batch_norm_act_backward",
+    "batch_renorm",
+    "batch_renorm_backward",
+    "ghost_batch_sizes",
+    "ghost_batch_norm",
+    "ghost_batch_norm_backward",
 ]
 
 ShapeLike = int | Sequence[int]

@@ -257,3 +257,24 @@ def test_against_real_flax_if_installed():
     start(torch.from_numpy(x * 2 + 1))
     np.testing.assert_allclose(start.running_mean.numpy(), np.asarray(stats["mean"]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(start.running_var.numpy(), np.asarray(stats["var"]), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_bn_leaves_a_fused_activation_alone():
+    """Regression: freezing BatchNormAct into an affine map dropped its activation."""
+    import normlab
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), normlab.BatchNormAct2d(4, act="relu")).eval()
+    x = torch.randn(2, 3, 6, 6)
+    frozen = freeze_bn(net)
+    assert isinstance(frozen[1], normlab.BatchNormAct2d)
+    torch.testing.assert_close(frozen(x), net(x))
+
+
+def test_convert_sync_batchnorm_skips_norms_that_train_differently():
+    import normlab
+
+    net = nn.Sequential(nn.Linear(3, 4), normlab.BatchNormAct1d(4, act="relu"), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match=r"left '1' \(BatchNormAct1d\) as they are"):
+        synced = normlab.convert_sync_batchnorm(net)
+    assert type(synced[1]).__name__ == "BatchNormAct1d" and type(synced[2]).__name__ == "SyncBatchNorm"

@@ -11,10 +11,13 @@ from typing import Callable
 
 from torch import nn
 
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .group import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer import LayerNorm, RMSNorm
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = ["NORMS", "get_norm", "norm_names", "register_norm", "default_groups"]
 
@@ -77,7 +80,10 @@ def _none(channels: int, **kw) -> nn.Module:
 
 for _family, _classes in (("batch", (BatchNorm1d, BatchNorm2d, BatchNorm3d)),
                           ("instance", (InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)),
-                          ("frozen", (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d))):
+                          ("frozen", (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)),
+                          ("batch_act", (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)),
+                          ("renorm", (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)),
+                          ("ghost", (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d))):
     register_norm(_family, _by_dim(_classes, _family))
     for _d, _cls in enumerate(_classes, start=1):
         register_norm(f"{_family}{_d}d", _cls)

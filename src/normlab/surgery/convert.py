@@ -28,6 +28,7 @@ from .. import stats as _stats
 from ..layers.batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 from ..layers.registry import get_norm, norm_names
+from .fold import computes_batchnorm
 from .walk import Match, _predicate, replace_modules
 
 __all__ = ["batchnorm_from_flax", "batchnorm_from_keras", "convert_norm", "freeze_bn", "unfreeze_bn"]
@@ -191,9 +192,9 @@ def freeze_bn(model: nn.Module, *, match: Match | None = None) -> nn.Module:
     >>> type(freeze_bn(net)[1]).__name__
     'FrozenBatchNorm1d'
     """
-    selected = _restricted(
-        model, match, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm), "freeze_bn"
-    )
+    # A norm fused with an activation (BatchNormAct) is no plain batch norm: freezing it into
+    # an affine map would drop the activation, so it is left as it is.
+    selected = _restricted(model, match, computes_batchnorm, "freeze_bn")
 
     def make(name: str, bn: nn.Module) -> nn.Module:
         if bn.running_mean is None:

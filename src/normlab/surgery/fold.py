@@ -132,6 +132,17 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, _FrozenBatchNorm))
 
 
+def computes_batchnorm(module: nn.Module) -> bool:
+    """Whether a batch norm's inference output is batch norm's formula and nothing more, so that
+    it may be replaced by another batch norm (frozen, synchronized) or folded: False for a norm
+    fused with an activation, whatever class it derives from."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    if type(module).forward in _KNOWN_FORWARDS or getattr(type(module), "folds_like_batchnorm", False):
+        return True
+    return module.running_mean is not None and _eval_is_batchnorm(module)
+
+
 def _probe_shape(norm: nn.Module) -> tuple[int, ...]:
     spatial = 0 if isinstance(norm, nn.BatchNorm1d) else 3 if isinstance(norm, nn.BatchNorm3d) else 2
     return (3, norm.num_features) + (2,) * spatial
@@ -172,8 +183,7 @@ def _norm_problem(norm: nn.Module) -> str | None:
         if norm.running_mean is None or norm.running_var is None:
             return ("it has no running statistics (track_running_stats=False): it normalizes with the "
                     "statistics of each batch even in eval, which no fixed weights can reproduce")
-        known = type(norm).forward in _KNOWN_FORWARDS or getattr(type(norm), "folds_like_batchnorm", False)
-        if not known and not _eval_is_batchnorm(norm):
+        if not computes_batchnorm(norm):
             return (f"{type(norm).__name__} overrides batch norm's forward, and its eval output differs from "
                     f"batch norm's formula (checked on a random input)")
     return None
