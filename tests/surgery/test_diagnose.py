@@ -227,3 +227,17 @@ def test_probe_errors():
         GradNorms(classifier(), of="inputs")
     with pytest.raises(ValueError, match=r"ActivationPercentiles: no layer of the model matches the default"):
         ActivationPercentiles(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_activation_percentiles_pooled_over_calls_equal_the_whole_set():
+    """pool=True: one row of percentiles over every call's values (a test set seen in chunks)."""
+    from normlab.surgery import ActivationPercentiles
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4)).eval()
+    data = torch.randn(300, 3)
+    with ActivationPercentiles(net, torch.nn.Linear, q=(0.15, 0.85), unit=2, pool=True) as probe:
+        for chunk in data.split(70):
+            net(chunk)
+    expected = torch.quantile(net(data)[:, 2].double().detach(), torch.tensor([0.15, 0.85], dtype=torch.float64))
+    torch.testing.assert_close(probe.table()["0"][0], expected)

@@ -363,8 +363,11 @@ class ActivationPercentiles(_Probe):
             follows one sigmoid input); default every value.
         training: record only in this mode (True, False), or both (None, default).
         max_values: outputs with more values are subsampled evenly to this many.
+        pool: keep the values themselves and give the percentiles of all calls together (one
+            row; e.g. a test set evaluated in chunks), instead of one row per call.
 
-    ``values[name]`` is a list with one ``(len(q),)`` tensor per call; :meth:`table` stacks them.
+    ``values[name]`` is a list with one ``(len(q),)`` tensor per call (with ``pool``, the values);
+    :meth:`table` stacks them.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
@@ -383,11 +386,12 @@ class ActivationPercentiles(_Probe):
         unit: int | None = None,
         training: bool | None = None,
         max_values: int = 1 << 20,
+        pool: bool = False,
     ) -> None:
         if not q or any(not 0.0 <= float(v) <= 1.0 for v in q):
             raise ValueError(f"ActivationPercentiles: q must be quantiles in [0, 1], got {q!r}.")
         self.q = torch.tensor([float(v) for v in q], dtype=torch.float64)
-        self.unit, self.training, self.max_values = unit, training, max_values
+        self.unit, self.training, self.max_values, self.pool = unit, training, max_values, pool
         self.layers = _probe_layers(model, layers, is_norm, "ActivationPercentiles", "normalization layers")
         self.values: dict[str, list[Tensor]] = {name: [] for name in self.layers}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.layers.items()]
@@ -402,12 +406,19 @@ class ActivationPercentiles(_Probe):
             flat = flat.reshape(flat.shape[0], -1)[:, self.unit] if self.unit is not None else flat.reshape(-1)
             if flat.numel() > self.max_values:
                 flat = flat[:: math.ceil(flat.numel() / self.max_values)]
-            self.values[name].append(torch.quantile(flat.to(torch.float64), self.q.to(flat.device)).cpu())
+            if self.pool:
+                self.values[name].append(flat.to(torch.float64).cpu())
+            else:
+                self.values[name].append(torch.quantile(flat.to(torch.float64), self.q.to(flat.device)).cpu())
 
         return hook
 
     def table(self) -> dict[str, Tensor]:
-        """``{name: (calls, len(q)) tensor}`` of everything recorded."""
+        """``{name: (calls, len(q)) tensor}`` of everything recorded (with ``pool``: ``(1, len(q))``
+        over all the values, or ``(0, len(q))`` before any)."""
+        if self.pool:
+            return {name: torch.quantile(torch.cat(v), self.q)[None] if v else torch.empty(0, len(self.q), dtype=torch.float64)
+                    for name, v in self.values.items()}
         return {name: torch.stack(v) if v else torch.empty(0, len(self.q), dtype=torch.float64)
                 for name, v in self.values.items()}
 
