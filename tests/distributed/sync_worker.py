@@ -38,8 +38,15 @@ def main() -> None:
         if spec.get("channels_last"):
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
         bn.weight.grad = bn.bias.grad = None
-        y = bn(x)
-        (y * upstream[start : start + sizes[rank]]).sum().backward()
+        if spec.get("masked"):  # padded sequences: valid lengths vary; the padding holds NaN
+            length = full.shape[-1]
+            lengths = torch.randint(0, length + 1, (full.shape[0],), generator=g)
+            mask = (torch.arange(length)[None, :] < lengths[:, None])[start : start + sizes[rank]]
+            x = x.detach().masked_fill(~mask[:, None, :], float("nan")).requires_grad_()
+            y = bn(x, mask)
+        else:
+            y = bn(x)
+        (y * upstream[start : start + sizes[rank]]).nansum().backward()
         results.append({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone(), "db": bn.bias.grad.clone()})
     torch.save({"steps": results, "running_mean": bn.running_mean, "running_var": bn.running_var,
                 "count": bn.num_batches_tracked}, f"{spec['out']}.{rank}")

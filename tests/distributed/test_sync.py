@@ -114,3 +114,38 @@ def test_state_dict_matches_torch_sync_batch_norm():
     # not a torch.nn.SyncBatchNorm subclass: DistributedDataParallel refuses those on the CPU
     assert not isinstance(ours, torch.nn.SyncBatchNorm)
     assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def test_masked_statistics_across_processes(tmp_path):
+    """Padded sequences split unevenly over 3 processes (one empty): equal to one process's
+    masked batch norm over the whole batch; the padding (NaN here) changes nothing."""
+    sizes, length = [4, 0, 5], 6
+    spec = {"sizes": sizes, "rest": [length], "channels": 3, "steps": 2, "out": str(tmp_path / "r"), "masked": True}
+    procs = launch(spec, 3)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    got = [torch.load(f"{spec['out']}.{r}") for r in range(3)]
+    bn = normlab.BatchNorm1d(3, momentum=0.3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+        bn.bias.copy_(torch.linspace(-0.2, 0.3, 3, dtype=torch.float64))
+    starts = [0, 4, 4]
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        full = torch.randn(9, 3, length, generator=g, dtype=torch.float64) * 2 + 1
+        upstream = torch.randn(full.shape, generator=g, dtype=torch.float64)
+        lengths = torch.randint(0, length + 1, (9,), generator=g)
+        mask = torch.arange(length)[None, :] < lengths[:, None]
+        x = full.clone().requires_grad_()
+        bn.weight.grad = bn.bias.grad = None
+        y = bn(x, mask)
+        (y * upstream).sum().backward()
+        for r in (0, 2):
+            part = slice(starts[r], starts[r] + sizes[r])
+            torch.testing.assert_close(got[r]["steps"][step]["y"], y.detach()[part], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[r]["steps"][step]["dx"], x.grad[part], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sum(g_["steps"][step]["dw"] for g_ in got), bn.weight.grad, rtol=1e-5, atol=1e-5)
+    for r in range(3):
+        torch.testing.assert_close(got[r]["running_mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[r]["running_var"], bn.running_var, rtol=1e-5, atol=1e-6)

@@ -37,9 +37,20 @@ def _reduce_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
-    """This process's count per channel, mean and sum of squared deviations (float32+)."""
+def _local_moments(x: Tensor, mask: Tensor | None = None) -> tuple[int, Tensor, Tensor]:
+    """This process's count per channel, mean and sum of squared deviations (float32+), over
+    the positions where ``mask`` (``(N, 1, *)``, broadcastable) is True if given."""
     channels, acc = x.shape[1], NF._acc_dtype(x)
+    if mask is not None:
+        n = NF._mask_count(x, mask)
+        if n == 0:
+            zeros = torch.zeros(channels, dtype=acc, device=x.device)
+            return 0, zeros, zeros.clone()
+        # torch.where, not a product with the mask: padding may hold NaN or inf.
+        xs = torch.where(mask, x.to(acc), 0.0)
+        mean = xs.sum(_reduce_dims(x)) / n
+        m2 = torch.where(mask, torch.square(xs - NF._channel_view(mean, x)), 0.0).sum(_reduce_dims(x))
+        return n, mean, m2
     n = x.numel() // channels if channels else 0
     if n == 0:
         zeros = torch.zeros(channels, dtype=acc, device=x.device)
@@ -64,8 +75,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Forward: pooled statistics and torch's inference kernel. Backward: all-reduced sums."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, group, world, label):
-        n_local, mean_l, m2_l = _local_moments(x.detach())
+    def forward(ctx, x, weight, bias, eps, group, world, label, mask):
+        n_local, mean_l, m2_l = _local_moments(x.detach(), mask)
         acc = mean_l.dtype
         packed = torch.cat([torch.tensor([float(n_local)], dtype=acc, device=x.device), mean_l, m2_l])
         gathered = [torch.empty_like(packed) for _ in range(world)]
@@ -84,17 +95,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             out = NF._empty_output(x, w, b)
         else:
             out = torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-        ctx.save_for_backward(x, weight, mean, invstd, total)
+            if mask is not None:
+                out = torch.where(mask, out, 0.0)  # padded positions come out as 0
+        ctx.save_for_backward(x, weight, mean, invstd, total, mask)
         ctx.eps, ctx.group, ctx.world, ctx.label = eps, group, world, label
         ctx.mark_non_differentiable(mean, var, total)
         return out, mean, var, total
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_total):
-        x, weight, mean, invstd, total = ctx.saved_tensors
+        x, weight, mean, invstd, total, mask = ctx.saved_tensors
         acc = mean.dtype
         channels = x.shape[1]
-        if x.numel() == 0:
+        if mask is not None:  # padded positions take no part: no gradient in, none out
+            grad_out = torch.where(mask, grad_out, 0.0)
+        if mask is not None and x.numel():
+            dims = _reduce_dims(x)
+            centered = torch.where(mask, x.to(acc) - NF._channel_view(mean, x), 0.0)
+            sum_dy = grad_out.to(acc).sum(dims)
+            sum_dy_xhat = (grad_out.to(acc) * centered).sum(dims) * invstd
+        elif x.numel() == 0:
             sum_dy = torch.zeros(channels, dtype=acc, device=x.device)
             sum_dy_xhat = torch.zeros_like(sum_dy)
         elif NF._channel_innermost(x) and x.numel() // channels >= NF._STABLE_MIN_ROWS:
@@ -124,12 +144,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             c = -a * mean_dy - b * mean
             view = NF._channel_view
             grad_x = torch.addcmul(view(c, x), x.to(acc), view(b, x))
-            grad_x = grad_x.addcmul_(grad_out.to(acc), view(a, x)).to(x.dtype)
+            grad_x = grad_x.addcmul_(grad_out.to(acc), view(a, x))
+            if mask is not None:
+                grad_x = torch.where(mask, grad_x, 0.0)
+            grad_x = grad_x.to(x.dtype)
         elif ctx.needs_input_grad[0]:
             grad_x = torch.zeros_like(x)
         grad_w = local[channels:].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = local[:channels].to(weight.dtype if weight is not None else x.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
@@ -185,18 +208,22 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
                 f"add a batch dimension with x.unsqueeze(0)."
             )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input`` (``(N, C, *)``) with the statistics of every process's batch;
+        ``mask`` (bool, True at valid positions, the input's shape without dimension 1) restricts
+        them to the valid positions of every process and zeros the padded ones."""
         world = _group_size(self.process_group)
         if not self.training or world == 1:
-            return super().forward(input)
+            return super().forward(input, mask)
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
                 f"of shape {tuple(input.shape)}."
             )
+        mask_view = None if mask is None else NF._mask_view(input, mask, self._label())
         out, mean, var, total = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self.eps, self.process_group, world, self._label()
+            input, self.weight, self.bias, self.eps, self.process_group, world, self._label(), mask_view
         )
         if total.device.type == "cpu" and float(total) <= 1:
             raise ValueError(
