@@ -85,26 +85,11 @@ class _BatchNormMixin(RunningStatsLayer):
         """Normalize ``input`` (``(N, C, *)``); ``mask`` (bool, True at valid positions, the
         input's shape without dimension 1) restricts the statistics to the valid positions and
         zeros the padded ones (see :mod:`normlab.layers.batch`)."""
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
-                f"of shape {tuple(input.shape)}; check the preceding layer's output size."
-            )
-        if mask is not None:
-            NF._mask_view(input, mask, self._label())  # the layer's name in a bad mask's message
+        tracking, use_batch_stats = self._begin(input, mask)
         # Read parameters and buffers from their dicts: Module.__getattr__ costs microseconds a
         # call, and this runs for every layer at every step.
         buffers, params = self._buffers, self._parameters
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        tracking = running_mean is not None and running_var is not None
-        use_batch_stats = self.training or not tracking
-        if use_batch_stats and input.numel() > 0 and (
-            input.numel() == input.shape[1] if mask is None else self._too_few_valid(input, mask)
-        ):
-            if not (self.single_sample == "running" and tracking):
-                raise ValueError(self._single_sample_message(input, mask))
-            use_batch_stats = False  # normalize with the running statistics, leave them as they are
         if use_batch_stats and tracking and self._accumulator is not None:
             # Inside normlab.accumulate: normalize with this micro-batch's statistics and pool
             # them; the running statistics move once, at the optimizer step.
@@ -147,6 +132,29 @@ class _BatchNormMixin(RunningStatsLayer):
             self.unbiased,
         )
         self._store_stats(new_mean, new_var, updated, new_count)
+
+    def _begin(self, input: Tensor, mask: Tensor | None = None) -> tuple[bool, bool]:
+        """The checks every batch-norm variant's forward starts with: rank, channels, mask, and a
+        batch with one value per channel (an error, or with ``single_sample="running"`` the
+        running statistics). Returns ``(tracking, use_batch_stats)``."""
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
+                f"of shape {tuple(input.shape)}; check the preceding layer's output size."
+            )
+        if mask is not None:
+            NF._mask_view(input, mask, self._label())  # the layer's name in a bad mask's message
+        buffers = self._buffers
+        tracking = buffers["running_mean"] is not None and buffers["running_var"] is not None
+        use_batch_stats = self.training or not tracking
+        if use_batch_stats and input.numel() > 0 and (
+            input.numel() == input.shape[1] if mask is None else self._too_few_valid(input, mask)
+        ):
+            if not (self.single_sample == "running" and tracking):
+                raise ValueError(self._single_sample_message(input, mask))
+            use_batch_stats = False  # normalize with the running statistics, leave them as they are
+        return tracking, use_batch_stats
 
     def _single_sample_message(self, input: Tensor, mask: Tensor | None = None) -> str:
         got = f"input of shape {tuple(input.shape)}"

@@ -208,20 +208,9 @@ class _BatchRenormMixin(_BatchNormMixin):
         return values[0], values[1]
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
-                f"of shape {tuple(input.shape)}; check the preceding layer's output size."
-            )
+        tracking, use_batch_stats = self._begin(input)
         buffers, params = self._buffers, self._parameters
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        tracking = running_mean is not None and running_var is not None
-        use_batch_stats = self.training or not tracking
-        if use_batch_stats and input.numel() == input.shape[1] and input.numel() > 0:
-            if not (self.single_sample == "running" and tracking):
-                raise ValueError(self._single_sample_message(input))
-            use_batch_stats = False  # normalize with the running statistics, leave them as they are
         if not (use_batch_stats and tracking):
             # Eval mode, or no running statistics to correct towards (r = 1, d = 0): batch norm.
             return NF.batch_norm(
