@@ -386,3 +386,53 @@ def test_checkpointed_bn_lstm_takes_each_step_in_once():
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
     assert ckpt.layers[0].norm_c.num_batches_tracked.tolist() == [1, 1, 3]
+
+
+@pytest.mark.parametrize(
+    "momentum, unbiased", [(0.1, True), (None, True), (0.3, False)],
+    ids=["momentum=0.1", "cumulative", "momentum=0.3-biased"],
+)
+def test_steps_0_1_2_5_follow_three_independent_reference_sequences(momentum, unbiased):
+    """Rows 0, 1, 2 each follow their own float64 reference sequence (values, counts, and so
+    the cumulative average's per-row factor); step 5 takes row 2 in, after step 2, in order."""
+    TOL32 = dict(rtol=1e-5, atol=1e-5)  # float32 layer vs float64 reference
+    steps, rows_of = (0, 1, 2, 5), {0: 0, 1: 1, 2: 2, 5: 2}
+    bn = RecurrentBatchNorm(4, max_steps=3, momentum=momentum, unbiased=unbiased)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # distinct starting rows, so a wrong row cannot pass by coincidence
+        bn.weight.copy_(torch.rand(4, generator=g) + 0.5), bn.bias.copy_(torch.randn(4, generator=g))
+        bn.running_mean.copy_(torch.randn(3, 4, generator=g))
+        bn.running_var.copy_(torch.rand(3, 4, generator=g) + 0.5)
+        bn.num_batches_tracked.copy_(torch.tensor([2, 5, 9]))
+    rows = [[_np(bn.running_mean[r]), _np(bn.running_var[r]), int(bn.num_batches_tracked[r])] for r in range(3)]
+    w, b = _np(bn.weight), _np(bn.bias)
+    for rnd in range(3):
+        for t in steps:
+            x = step_input(6, 4, t, seed=rnd, dtype=torch.float32).requires_grad_(True)
+            dy = step_input(6, 4, t + 10, seed=rnd, dtype=torch.float32)
+            row = rows[rows_of[t]]
+            y_ref, row[0], row[1], row[2] = R.batch_norm(
+                _np(x), row[0], row[1], w, b, training=True, momentum=momentum,
+                num_batches_tracked=row[2], unbiased=unbiased)
+            dx_ref, dw_ref, db_ref = R.batch_norm_backward(_np(dy), _np(x), w)
+            bn.zero_grad(set_to_none=True)
+            y = bn(x, t)
+            y.backward(dy)
+            when = f"round {rnd}, step {t}"
+            np.testing.assert_allclose(_np(y), y_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(_np(x.grad), dx_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(_np(bn.weight.grad), dw_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(_np(bn.bias.grad), db_ref, **TOL32, err_msg=when)
+            for r, (mean, var, count) in enumerate(rows):  # every row, so untouched ones stay put
+                where = f"{when}, row {r}"
+                np.testing.assert_allclose(_np(bn.running_mean[r]), mean, rtol=1e-5, atol=1e-6, err_msg=where)
+                np.testing.assert_allclose(_np(bn.running_var[r]), var, rtol=1e-5, atol=1e-6, err_msg=where)
+                assert int(bn.num_batches_tracked[r]) == count, where
+    assert bn.num_batches_tracked.tolist() == [2 + 3, 5 + 3, 9 + 6]
+
+    bn.eval()
+    x = step_input(5, 4, 3, seed=9, dtype=torch.float32)
+    for t in steps:
+        mean, var, _ = rows[rows_of[t]]
+        expected = R.batch_norm(_np(x), mean, var, w, b)[0]
+        np.testing.assert_allclose(_np(bn(x, t)), expected, **TOL32, err_msg=f"eval, step {t}")
