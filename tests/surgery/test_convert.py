@@ -271,10 +271,11 @@ def test_freeze_bn_leaves_a_fused_activation_alone():
     torch.testing.assert_close(frozen(x), net(x))
 
 
-def test_convert_sync_batchnorm_skips_norms_that_train_differently():
+def test_convert_sync_batchnorm_skips_norms_without_a_synchronized_version():
     import normlab
 
-    net = nn.Sequential(nn.Linear(3, 4), normlab.BatchNormAct1d(4, act="relu"), nn.BatchNorm1d(4))
-    with pytest.warns(UserWarning, match=r"left '1' \(BatchNormAct1d\) as they are"):
+    net = nn.Sequential(nn.Linear(3, 4), normlab.GhostBatchNorm1d(4, virtual_batch_size=2),
+                        normlab.BatchNormAct1d(4, act="relu"), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match=r"left '1' \(GhostBatchNorm1d\) as they are"):
         synced = normlab.convert_sync_batchnorm(net)
-    assert type(synced[1]).__name__ == "BatchNormAct1d" and type(synced[2]).__name__ == "SyncBatchNorm"
+    assert [type(m).__name__ for m in synced][1:] == ["GhostBatchNorm1d", "SyncBatchNormAct", "SyncBatchNorm"]

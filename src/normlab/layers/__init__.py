@@ -10,7 +10,7 @@ from .layer import LayerNorm, RMSNorm
 from .recurrent import BNLSTM, LNLSTM, RecurrentBatchNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, LinearRamp, renorm_schedule
 from .registry import get_norm, norm_names, register_norm
-from .sync import SyncBatchNorm
+from .sync import SyncBatchNorm, SyncBatchNormAct, SyncBatchRenorm
 
 __all__ = [
     "BNLSTM",
@@ -40,6 +40,8 @@ __all__ = [
     "RMSNorm",
     "RecurrentBatchNorm",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
+    "SyncBatchRenorm",
     "get_norm",
     "name_layers",
     "norm_names",
