@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import normlab
+from variant_helpers import close, kind as rank_of, one_torch_thread, randomize, sample  # noqa: F401 (fixture)
 from normlab import functional as NF
 from normlab import reference as R
 from normlab.layers.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -23,50 +24,6 @@ from normlab.layers.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchN
 GHOST = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMLAB_BN = {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d, 3: normlab.BatchNorm3d}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small tensors: on a shared 2-core machine OpenMP threads mostly wait for each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _kind(shape) -> int:
-    return max(1, len(shape) - 2)
-
-
-def _randomize(layer: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    c = layer.num_features
-    with torch.no_grad():
-        if layer.weight is not None:
-            layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            layer.bias.copy_(torch.randn(c, generator=g) * 0.5)
-        if layer.running_mean is not None:
-            layer.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-            layer.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            layer.num_batches_tracked.fill_(3)
-    return layer
-
-
-def _input(shape, seed, dtype=torch.float32, fmt=None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    view = (1, shape[1]) + (1,) * (len(shape) - 2)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(shape[1], generator=g, dtype=torch.float64)
-                                                                 * 2 + 0.3).view(view)
-    x = (x + torch.randn(shape[1], generator=g, dtype=torch.float64).view(view)).to(dtype)
-    return x if fmt is None else x.contiguous(memory_format=fmt)
-
-
-def _close(actual, expected, tol, what):
-    a = torch.as_tensor(actual).detach().double()
-    e = torch.as_tensor(expected).detach().double()
-    err = float((a - e).abs().max()) if a.numel() else 0.0
-    scale = max(1.0, float(e.abs().max()) if e.numel() else 1.0)
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def _ghost_step(layer, x, dy):
@@ -114,8 +71,8 @@ IDS = ["NCHW-16", "NCHW-rest2", "NC-rest1", "NCL", "NHWC", "NCDHW", "NDHWC", "NC
 def test_equals_batch_norm_applied_virtual_batch_by_virtual_batch(shape, fmt, vbs, options):
     """Outputs, gradients, running statistics and count over three training steps and an eval
     step, against torch.nn's BatchNorm chunk by chunk (normlab's for unbiased=False)."""
-    kind = _kind(shape)
-    ours = _randomize(GHOST[kind](shape[1], virtual_batch_size=vbs, **options))
+    kind = rank_of(shape)
+    ours = randomize(GHOST[kind](shape[1], virtual_batch_size=vbs, **options))
     # normlab's BatchNorm where torch lacks the option, and for virtual batches of >= 256
     # channel-innermost rows, whose statistics normlab computes more accurately than torch
     # (benchmarks/bench_accuracy.py): the two differ there by more than float32 rounding.
@@ -124,7 +81,7 @@ def test_equals_batch_norm_applied_virtual_batch_by_virtual_batch(shape, fmt, vb
     reference.load_state_dict(ours.state_dict())
     sizes = R.ghost_batch_sizes(shape[0], vbs)
     for step, training in enumerate([True, True, True, False]):
-        x, dy = _input(shape, 10 * step, fmt=fmt), _input(shape, 10 * step + 1, fmt=fmt)
+        x, dy = sample(shape, 10 * step, fmt=fmt), sample(shape, 10 * step + 1, fmt=fmt)
         ours.train(training), reference.train(training)
         y, g = _ghost_step(ours, x, dy)
         if training:
@@ -132,13 +89,13 @@ def test_equals_batch_norm_applied_virtual_batch_by_virtual_batch(shape, fmt, vb
         else:
             y_ref, g_ref = _ghost_step(reference, x, dy)
         when = f"step {step + 1} ({'train' if training else 'eval'}), virtual batches {sizes}"
-        _close(y, y_ref, 1e-6, f"output, {when}")
+        close(y, y_ref, 1e-6, f"output, {when}")
         assert y.is_contiguous(memory_format=fmt or torch.contiguous_format), "memory format not kept"
         for key in g_ref:
             tol = 1e-6 if key == "input" else 1e-6 * np.sqrt(x.numel() / shape[1])
-            _close(g[key], g_ref[key], tol, f"d{key}, {when}")
-        _close(ours.running_mean, reference.running_mean, 1e-6, f"running_mean, {when}")
-        _close(ours.running_var, reference.running_var, 1e-6, f"running_var, {when}")
+            close(g[key], g_ref[key], tol, f"d{key}, {when}")
+        close(ours.running_mean, reference.running_mean, 1e-6, f"running_mean, {when}")
+        close(ours.running_var, reference.running_var, 1e-6, f"running_var, {when}")
         assert int(ours.num_batches_tracked) == int(reference.num_batches_tracked), when
 
 
@@ -162,42 +119,42 @@ def test_virtual_batch_sizes():
 
 
 def test_without_running_statistics_eval_also_uses_virtual_batches():
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2, track_running_stats=False)).eval()
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=2, track_running_stats=False)).eval()
     bn = nn.BatchNorm2d(3, track_running_stats=False).eval()
     bn.load_state_dict(layer.state_dict())
-    x = _input((5, 3, 4, 4), 3)
-    _close(layer(x), torch.cat([bn(p) for p in x.split([2, 3])]), 1e-6, "eval output by virtual batches")
+    x = sample((5, 3, 4, 4), 3)
+    close(layer(x), torch.cat([bn(p) for p in x.split([2, 3])]), 1e-6, "eval output by virtual batches")
 
 
 def test_eval_is_batch_norm_with_running_statistics():
-    ours = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2)).eval()
+    ours = randomize(GhostBatchNorm2d(3, virtual_batch_size=2)).eval()
     theirs = nn.BatchNorm2d(3).eval()
     theirs.load_state_dict(ours.state_dict())
-    x = _input((8, 3, 5, 5), 1)
+    x = sample((8, 3, 5, 5), 1)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    _close(ours(x), theirs(x), 1e-6, "eval output")
+    close(ours(x), theirs(x), 1e-6, "eval output")
     for key, value in ours.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
 def test_double_backward_equals_batch_norm_chunk_by_chunk():
     for fmt in (None, torch.channels_last):
-        ours = _randomize(GhostBatchNorm2d(3, virtual_batch_size=3, dtype=torch.float64))
+        ours = randomize(GhostBatchNorm2d(3, virtual_batch_size=3, dtype=torch.float64))
         theirs = nn.BatchNorm2d(3, dtype=torch.float64)
         theirs.load_state_dict(ours.state_dict())
-        x = _input((8, 3, 4, 4), 5, torch.float64, fmt)
+        x = sample((8, 3, 4, 4), 5, torch.float64, fmt)
         results = []
         for layer in (ours, lambda t, bn=theirs: torch.cat([bn(p) for p in t.split([3, 3, 2])])):
             xx = x.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(layer(xx).pow(3).sum(), xx, create_graph=True)
             (gg,) = torch.autograd.grad(g.pow(2).sum(), xx)
             results.append(gg)
-        _close(results[0], results[1], 1e-10, f"second-order gradient ({fmt})")
+        close(results[0], results[1], 1e-10, f"second-order gradient ({fmt})")
 
 
 def test_gradcheck_uneven_virtual_batches():
-    layer = _randomize(GhostBatchNorm1d(2, virtual_batch_size=3, dtype=torch.float64))
-    x = _input((8, 2, 2), 6, torch.float64).requires_grad_(True)
+    layer = randomize(GhostBatchNorm1d(2, virtual_batch_size=3, dtype=torch.float64))
+    x = sample((8, 2, 2), 6, torch.float64).requires_grad_(True)
     w = layer.weight.detach().clone().requires_grad_(True)
     b = layer.bias.detach().clone().requires_grad_(True)
 
@@ -208,15 +165,15 @@ def test_gradcheck_uneven_virtual_batches():
 
 
 def test_matches_float64_reference():
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=3, momentum=0.3, dtype=torch.float64))
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=3, momentum=0.3, dtype=torch.float64))
     for step in range(2):
         state = [t.detach().double().numpy() for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
-        x = _input((7, 3, 3, 3), 40 + step, torch.float64)
+        x = sample((7, 3, 3, 3), 40 + step, torch.float64)
         y_ref, rm, rv, count = R.ghost_batch_norm(x.numpy(), 3, *state, training=True, momentum=0.3,
                                                    eps=layer.eps, num_batches_tracked=int(layer.num_batches_tracked))
-        _close(layer(x), y_ref, 1e-10, "output")
-        _close(layer.running_mean, rm, 1e-12, "running_mean")
-        _close(layer.running_var, rv, 1e-12, "running_var")
+        close(layer(x), y_ref, 1e-10, "output")
+        close(layer.running_mean, rm, 1e-12, "running_mean")
+        close(layer.running_var, rv, 1e-12, "running_var")
         assert int(layer.num_batches_tracked) == count
 
 
@@ -227,7 +184,7 @@ def test_matches_float64_reference():
 
 @pytest.mark.parametrize("kind", [1, 2, 3])
 def test_state_dict_is_a_batch_norm_state_dict(kind):
-    theirs = _randomize(TORCH_BN[kind](4), seed=kind)
+    theirs = randomize(TORCH_BN[kind](4), seed=kind)
     ours = GHOST[kind](4, virtual_batch_size=8)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert ours.state_dict()._metadata[""] == theirs.state_dict()._metadata[""]
@@ -273,12 +230,12 @@ def test_single_spatial_sample_is_one_virtual_batch():
     """N = 1 with spatial dimensions has batch statistics (over H, W): plain batch norm."""
     layer, bn = GhostBatchNorm2d(3, virtual_batch_size=4), nn.BatchNorm2d(3)
     x = torch.randn(1, 3, 4, 4)
-    _close(layer(x), bn(x), 1e-6, "output")
-    _close(layer.running_var, bn.running_var, 1e-6, "running_var")
+    close(layer(x), bn(x), 1e-6, "output")
+    close(layer.running_var, bn.running_var, 1e-6, "running_var")
 
 
 def test_empty_batch_leaves_state():
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     y = layer(x)
@@ -291,9 +248,9 @@ def test_empty_batch_leaves_state():
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "NHWC"])
 def test_nonfinite_virtual_batch_leaves_all_running_statistics(fmt):
     """One virtual batch with a NaN: the step takes none of the virtual batches in."""
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    x = _input((6, 3, 4, 4), 7, fmt=fmt)
+    x = sample((6, 3, 4, 4), 7, fmt=fmt)
     x[5, 1, 0, 0] = float("inf")
     with pytest.warns(normlab.NonFiniteStatisticsWarning, match=r"GhostBatchNorm2d\(3\)"):
         y = layer(x)
@@ -304,11 +261,11 @@ def test_nonfinite_virtual_batch_leaves_all_running_statistics(fmt):
 
 
 def test_large_offset_channels_stay_accurate():
-    x64 = _input((12, 3, 5, 5), 4, torch.float64) + 1e4
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=4))
+    x64 = sample((12, 3, 5, 5), 4, torch.float64) + 1e4
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=4))
     w, b = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
     expected = R.ghost_batch_norm(x64.numpy(), 4, None, None, w, b, training=True)[0]
-    _close(layer(x64.float()), expected, 2e-4, "output of an offset batch")
+    close(layer(x64.float()), expected, 2e-4, "output of an offset batch")
 
 
 def test_kernel_path_serves_contiguous_float32():
@@ -318,26 +275,26 @@ def test_kernel_path_serves_contiguous_float32():
 
 
 def test_half_precision_input():
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=3))
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=3))
     ref_layer = copy.deepcopy(layer)
-    x16 = _input((7, 3, 4, 4), 9).to(torch.float16)
+    x16 = sample((7, 3, 4, 4), 9).to(torch.float16)
     expected = ref_layer(x16.float())
     y = layer(x16)
     assert y.dtype == torch.float16
-    _close(y, expected, 1e-2, "float16 output")
+    close(y, expected, 1e-2, "float16 output")
     for name in ("running_mean", "running_var"):
         assert getattr(layer, name).dtype == torch.float32
-        _close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
+        close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
 
 
 def test_vmap_equals_a_loop():
-    xs = _input((3, 7, 4, 5), 11)
+    xs = sample((3, 7, 4, 5), 11)
     rm, rv = torch.randn(4) * 0.3, torch.rand(4) + 0.5
 
     def f(x):
         return NF.ghost_batch_norm(x, 3, rm, rv, training=True, num_batches_tracked=torch.tensor(0)).output
 
-    _close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), 1e-6, "vmap vs loop")
+    close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), 1e-6, "vmap vs loop")
 
 
 def test_functional_does_not_modify_its_arguments():
@@ -355,26 +312,26 @@ def test_gradient_accumulation_gives_the_full_batch_statistics():
     hence the same updates, as the full batch: inside normlab.accumulate or not."""
     from normlab.accumulate import accumulate
 
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2, dtype=torch.float64))
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=2, dtype=torch.float64))
     full = copy.deepcopy(layer)
     plain = copy.deepcopy(layer)
-    batch = _input((12, 3, 4, 4), 21, torch.float64)
+    batch = sample((12, 3, 4, 4), 21, torch.float64)
     y_full = full(batch)
     with accumulate(layer):
         y_acc = torch.cat([layer(micro) for micro in batch.split(4)])
     y_plain = torch.cat([plain(micro) for micro in batch.split(4)])
     for other, y in ((layer, y_acc), (plain, y_plain)):
-        _close(y, y_full, 1e-12, "output")
-        _close(other.running_mean, full.running_mean, 1e-12, "running_mean")
-        _close(other.running_var, full.running_var, 1e-12, "running_var")
+        close(y, y_full, 1e-12, "output")
+        close(other.running_mean, full.running_mean, 1e-12, "running_mean")
+        close(other.running_var, full.running_var, 1e-12, "running_var")
         assert int(other.num_batches_tracked) == int(full.num_batches_tracked) == 3 + 6
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpoint_updates_running_statistics_once(use_reentrant):
-    layer = _randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
+    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=2))
     plain = copy.deepcopy(layer)
-    x = _input((6, 3, 5, 5), 31).requires_grad_(True)
+    x = sample((6, 3, 5, 5), 31).requires_grad_(True)
     checkpoint(layer, x, use_reentrant=use_reentrant).square().sum().backward()
     plain(x)
     for key, value in plain.state_dict().items():

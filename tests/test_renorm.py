@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import normlab
+from variant_helpers import close, kind as rank_of, one_torch_thread, randomize, sample  # noqa: F401 (fixture)
 from normlab import functional as NF
 from normlab import reference as R
 from normlab.layers.renorm import (
@@ -33,44 +34,8 @@ TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMLAB_BN = {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d, 3: normlab.BatchNorm3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small tensors: on a shared 2-core machine OpenMP threads mostly wait for each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().numpy()
-
-
-def _kind(shape) -> int:
-    return max(1, len(shape) - 2)
-
-
-def _randomize(layer: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    c = layer.num_features
-    with torch.no_grad():
-        if layer.weight is not None:
-            layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            layer.bias.copy_(torch.randn(c, generator=g) * 0.5)
-        if layer.running_mean is not None:
-            layer.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-            layer.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            layer.num_batches_tracked.fill_(3)
-    return layer
-
-
-def _input(shape, seed, dtype=torch.float32, fmt=None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    view = (1, shape[1]) + (1,) * (len(shape) - 2)
-    x = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(shape[1], generator=g, dtype=torch.float64)
-                                                                 * 2 + 0.3).view(view)
-    x = (x + torch.randn(shape[1], generator=g, dtype=torch.float64).view(view)).to(dtype)
-    return x if fmt is None else x.contiguous(memory_format=fmt)
 
 
 def _run(layer, x, dy):
@@ -82,14 +47,6 @@ def _run(layer, x, dy):
     if layer.weight is not None:
         grads.update(weight=layer.weight.grad, bias=layer.bias.grad)
     return y.detach(), grads
-
-
-def _close(actual, expected, tol, what):
-    a = actual.detach().double() if isinstance(actual, torch.Tensor) else torch.as_tensor(actual, dtype=torch.float64)
-    e = expected.detach().double() if isinstance(expected, torch.Tensor) else torch.as_tensor(expected, dtype=torch.float64)
-    err = float((a - e).abs().max()) if a.numel() else 0.0
-    scale = max(1.0, float(e.abs().max()) if e.numel() else 1.0)
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 # Shapes and layouts that take each path: torch's kernels (NCHW, small 2-D) and the blocked
@@ -116,13 +73,13 @@ SHAPE_IDS = ["NC", "NC-300", "NCL", "NCHW", "NHWC", "NCDHW", "NDHWC"]
 def test_r_max_1_d_max_0_equals_batch_norm(shape, fmt, momentum):
     """Outputs, gradients and running statistics over train and eval steps equal torch.nn's
     BatchNorm and normlab's BatchNorm given the same state."""
-    kind = _kind(shape)
-    ours = _randomize(RENORM[kind](shape[1], momentum=momentum, r_max=1.0, d_max=0.0))
+    kind = rank_of(shape)
+    ours = randomize(RENORM[kind](shape[1], momentum=momentum, r_max=1.0, d_max=0.0))
     layers = {"torch": TORCH_BN[kind](shape[1], momentum=momentum), "normlab": NORMLAB_BN[kind](shape[1], momentum=momentum)}
     for other in layers.values():
         other.load_state_dict(ours.state_dict())
     for step, training in enumerate([True, True, True, False]):
-        x, dy = _input(shape, 10 * step, fmt=fmt), _input(shape, 10 * step + 1, fmt=fmt)
+        x, dy = sample(shape, 10 * step, fmt=fmt), sample(shape, 10 * step + 1, fmt=fmt)
         ours.train(training)
         y, g = _run(ours, x, dy)
         for name, other in layers.items():
@@ -132,29 +89,29 @@ def test_r_max_1_d_max_0_equals_batch_norm(shape, fmt, momentum):
             # torch sums channel-innermost input of >= 256 values per channel naively, normlab
             # (BatchNorm and BatchRenorm alike) by blocks: against torch, allow its rounding.
             base = 1e-5 if name == "torch" and x.stride(1) == 1 and x.numel() / shape[1] >= 256 else 1e-6
-            _close(y, y_o, base, f"output vs {when}")
+            close(y, y_o, base, f"output vs {when}")
             for key in g_o:
                 # parameter gradients are sums over N * spatial values: rounding grows with sqrt
                 tol = base if key == "input" else base * np.sqrt(x.numel() / shape[1])
-                _close(g[key], g_o[key], tol, f"d{key} vs {when}")
-            _close(ours.running_mean, other.running_mean, 1e-6, f"running_mean vs {when}")
-            _close(ours.running_var, other.running_var, 1e-6, f"running_var vs {when}")
+                close(g[key], g_o[key], tol, f"d{key} vs {when}")
+            close(ours.running_mean, other.running_mean, 1e-6, f"running_mean vs {when}")
+            close(ours.running_var, other.running_var, 1e-6, f"running_var vs {when}")
             assert int(ours.num_batches_tracked) == int(other.num_batches_tracked), when
 
 
 def test_r_max_1_d_max_0_double_backward_equals_torch():
     for shape, fmt in [((6, 3, 5, 5), None), ((8, 3, 8, 8), torch.channels_last)]:
-        ours = _randomize(BatchRenorm2d(3, r_max=1.0, d_max=0.0, dtype=torch.float64))
+        ours = randomize(BatchRenorm2d(3, r_max=1.0, d_max=0.0, dtype=torch.float64))
         theirs = nn.BatchNorm2d(3, dtype=torch.float64)
         theirs.load_state_dict(ours.state_dict())
-        x = _input(shape, 5, torch.float64, fmt)
+        x = sample(shape, 5, torch.float64, fmt)
         results = []
         for layer in (ours, theirs):
             xx = x.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(layer(xx).pow(3).sum(), xx, create_graph=True)
             (gg,) = torch.autograd.grad(g.pow(2).sum(), xx)
             results.append(gg)
-        _close(results[0], results[1], 1e-10, f"second-order gradient, {shape} {fmt}")
+        close(results[0], results[1], 1e-10, f"second-order gradient, {shape} {fmt}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,12 +127,12 @@ def test_matches_reference_with_corrections(shape, fmt, dtype, limits):
     running statistics against the float64 reference, unclipped and clipped corrections."""
     r_max, d_max = limits
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    layer = _randomize(RENORM[_kind(shape)](shape[1], r_max=r_max, d_max=d_max, dtype=dtype))
+    layer = randomize(RENORM[rank_of(shape)](shape[1], r_max=r_max, d_max=d_max, dtype=dtype))
     for step, training in enumerate([True, True, True, False]):
         layer.train(training)
         rm, rv, count = _np(layer.running_mean), _np(layer.running_var), int(layer.num_batches_tracked)
         w, b = _np(layer.weight), _np(layer.bias)
-        x, dy = _input(shape, 100 + step, dtype, fmt), _input(shape, 200 + step, dtype, fmt)
+        x, dy = sample(shape, 100 + step, dtype, fmt), sample(shape, 200 + step, dtype, fmt)
         y_ref, rm_ref, rv_ref, count_ref = R.batch_renorm(
             _np(x), rm, rv, w, b, training=training, eps=layer.eps, r_max=r_max, d_max=d_max,
             num_batches_tracked=count,
@@ -185,13 +142,13 @@ def test_matches_reference_with_corrections(shape, fmt, dtype, limits):
         )
         y, g = _run(layer, x, dy)
         when = f"step {step + 1}"
-        _close(y, y_ref, tol, f"output, {when}")
-        _close(g["input"], dx_ref, tol, f"dx, {when}")
+        close(y, y_ref, tol, f"output, {when}")
+        close(g["input"], dx_ref, tol, f"dx, {when}")
         n = x.numel() / shape[1]
-        _close(g["weight"], dw_ref, tol * np.sqrt(n), f"dweight, {when}")
-        _close(g["bias"], db_ref, tol * np.sqrt(n), f"dbias, {when}")
-        _close(layer.running_mean, rm_ref, tol, f"running_mean, {when}")
-        _close(layer.running_var, rv_ref, tol, f"running_var, {when}")
+        close(g["weight"], dw_ref, tol * np.sqrt(n), f"dweight, {when}")
+        close(g["bias"], db_ref, tol * np.sqrt(n), f"dbias, {when}")
+        close(layer.running_mean, rm_ref, tol, f"running_mean, {when}")
+        close(layer.running_var, rv_ref, tol, f"running_var, {when}")
         assert int(layer.num_batches_tracked) == count_ref
 
 
@@ -212,10 +169,10 @@ def _detached_formula(x, w, b, rm, rv, eps, r_max, d_max, detach=True):
 
 def test_r_and_d_are_constants_in_backprop():
     """The gradient is the detached formula's, and (on purpose) not the full derivative."""
-    layer = _randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0, dtype=torch.float64))
+    layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0, dtype=torch.float64))
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
-    x = _input((5, 3, 4, 4), 7, torch.float64)
-    dy = _input((5, 3, 4, 4), 8, torch.float64)
+    x = sample((5, 3, 4, 4), 7, torch.float64)
+    dy = sample((5, 3, 4, 4), 8, torch.float64)
     y, g = _run(layer, x, dy)
     grads = {}
     for detach in (True, False):
@@ -225,9 +182,9 @@ def test_r_and_d_are_constants_in_backprop():
         out = _detached_formula(xx, w, b, rm, rv, layer.eps, 3.0, 5.0, detach)
         grads[detach] = torch.autograd.grad(out, (xx, w, b), dy)
         if detach:
-            _close(y, out, 1e-12, "output vs the torch formula")
+            close(y, out, 1e-12, "output vs the torch formula")
     for got, want, name in zip((g["input"], g["weight"], g["bias"]), grads[True], ("dx", "dweight", "dbias")):
-        _close(got, want, 1e-12, f"{name} vs the formula with r, d detached")
+        close(got, want, 1e-12, f"{name} vs the formula with r, d detached")
     assert float((g["input"] - grads[False][0]).abs().max()) > 1e-3, "r and d were differentiated"
 
 
@@ -252,34 +209,34 @@ def test_clipping_by_hand():
 def test_unclipped_renorm_in_training_equals_eval_transform():
     """With limits too wide to clip, the training output is the running-statistics transform
     (the point of renorm: training and inference agree)."""
-    layer = _randomize(BatchRenorm2d(3, r_max=1e6, d_max=1e6, dtype=torch.float64))
-    x = _input((6, 3, 5, 5), 3, torch.float64)
+    layer = randomize(BatchRenorm2d(3, r_max=1e6, d_max=1e6, dtype=torch.float64))
+    x = sample((6, 3, 5, 5), 3, torch.float64)
     expected = copy.deepcopy(layer).eval()(x)
-    _close(layer.train()(x), expected, 1e-10, "training output vs eval output")
+    close(layer.train()(x), expected, 1e-10, "training output vs eval output")
 
 
 def test_eval_is_batch_norm_with_running_statistics():
-    ours = _randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0)).eval()
+    ours = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0)).eval()
     theirs = nn.BatchNorm2d(3).eval()
     theirs.load_state_dict(ours.state_dict())
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    x = _input((4, 3, 5, 5), 1)
-    _close(ours(x), theirs(x), 1e-6, "eval output")
+    x = sample((4, 3, 5, 5), 1)
+    close(ours(x), theirs(x), 1e-6, "eval output")
     for key, value in ours.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
 def test_without_running_statistics_it_is_batch_norm():
-    ours = _randomize(BatchRenorm2d(3, track_running_stats=False, r_max=3.0, d_max=5.0))
+    ours = randomize(BatchRenorm2d(3, track_running_stats=False, r_max=3.0, d_max=5.0))
     theirs = nn.BatchNorm2d(3, track_running_stats=False)
     theirs.load_state_dict(ours.state_dict())
-    x, dy = _input((4, 3, 5, 5), 2), _input((4, 3, 5, 5), 3)
+    x, dy = sample((4, 3, 5, 5), 2), sample((4, 3, 5, 5), 3)
     for training in (True, False):
         ours.train(training), theirs.train(training)
         (y, g), (y_t, g_t) = _run(ours, x, dy), _run(theirs, x, dy)
-        _close(y, y_t, 1e-6, "output")
+        close(y, y_t, 1e-6, "output")
         for key in g:
-            _close(g[key], g_t[key], 1e-5, f"d{key}")
+            close(g[key], g_t[key], 1e-5, f"d{key}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +246,7 @@ def test_without_running_statistics_it_is_batch_norm():
 
 @pytest.mark.parametrize("kind", [1, 2, 3])
 def test_state_dict_is_a_batch_norm_state_dict(kind):
-    theirs = _randomize(TORCH_BN[kind](4), seed=kind)
+    theirs = randomize(TORCH_BN[kind](4), seed=kind)
     ours = RENORM[kind](4)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert ours.state_dict()._metadata[""] == theirs.state_dict()._metadata[""]
@@ -343,17 +300,17 @@ def test_schedule_decides_the_corrections_step_by_step():
     """A schedule at 1 / 0 until step 2 makes the first two steps batch norm; from step 2 on the
     layer follows the reference with the schedule's values at its count."""
     schedule = dict(r_max=LinearRamp(1.0, 2.0, 2, 4), d_max=LinearRamp(0.0, 1.0, 2, 4))
-    ours = _randomize(BatchRenorm1d(3, **schedule, dtype=torch.float64))
+    ours = randomize(BatchRenorm1d(3, **schedule, dtype=torch.float64))
     ours.num_batches_tracked.zero_()
     theirs = nn.BatchNorm1d(3, dtype=torch.float64)
     theirs.load_state_dict(ours.state_dict())
     for step in range(6):
-        x = _input((8, 3), 50 + step, torch.float64) * 3
+        x = sample((8, 3), 50 + step, torch.float64) * 3
         r_max, d_max = schedule["r_max"](step), schedule["d_max"](step)
         expected = R.batch_renorm(_np(x), _np(ours.running_mean), _np(ours.running_var), _np(ours.weight),
                                   _np(ours.bias), training=True, eps=ours.eps, r_max=r_max, d_max=d_max)[0]
         y, y_bn = ours(x), theirs(x)
-        _close(y, expected, 1e-10, f"output at step {step}")
+        close(y, expected, 1e-10, f"output at step {step}")
         same_as_bn = float((y - y_bn).detach().abs().max()) < 1e-10
         assert same_as_bn == (step < 3), f"step {step}: r_max={r_max}, d_max={d_max}"
 
@@ -430,16 +387,16 @@ def test_single_value_per_channel():
     layer = BatchRenorm1d(4, r_max=3.0, d_max=5.0)
     with pytest.raises(ValueError, match=r"BatchRenorm1d\(4\): training needs more than one value per channel.*drop_last"):
         layer(torch.randn(1, 4))
-    layer = _randomize(BatchRenorm1d(4, single_sample="running", r_max=3.0, d_max=5.0))
+    layer = randomize(BatchRenorm1d(4, single_sample="running", r_max=3.0, d_max=5.0))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(1, 4)
-    _close(layer(x), copy.deepcopy(layer).eval()(x), 1e-6, "single sample with running statistics")
+    close(layer(x), copy.deepcopy(layer).eval()(x), 1e-6, "single sample with running statistics")
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
 def test_empty_batch_leaves_state():
-    layer = _randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
+    layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     y = layer(x)
@@ -451,7 +408,7 @@ def test_empty_batch_leaves_state():
 
 
 def test_nonfinite_batch_leaves_running_statistics():
-    layer = _randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
+    layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(4, 3, 5, 5)
     x[1, 2, 0, 0] = float("nan")
@@ -465,13 +422,13 @@ def test_nonfinite_batch_leaves_running_statistics():
 def test_large_offset_channels_stay_accurate():
     """A channel at 1e4 with unit spread: torch's fused kernel would lose ~10 bits; the layer
     falls back to subtract-first statistics and normalization, as normlab's BatchNorm does."""
-    x64 = _input((16, 3, 6, 6), 4, torch.float64) + 1e4
-    layer = _randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
+    x64 = sample((16, 3, 6, 6), 4, torch.float64) + 1e4
+    layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
     with torch.no_grad():
         layer.running_mean.fill_(1e4)
     expected = R.batch_renorm(_np(x64), _np(layer.running_mean), _np(layer.running_var), _np(layer.weight),
                               _np(layer.bias), training=True, eps=layer.eps, r_max=3.0, d_max=5.0)[0]
-    _close(layer(x64.float()), expected, 2e-4, "output of an offset batch")
+    close(layer(x64.float()), expected, 2e-4, "output of an offset batch")
 
 
 def test_fast_path_serves_contiguous_float32():
@@ -481,27 +438,27 @@ def test_fast_path_serves_contiguous_float32():
 
 
 def test_half_precision_input_uses_float32_statistics():
-    layer = _randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
+    layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
     ref_layer = copy.deepcopy(layer)
-    x16 = _input((4, 3, 6, 6), 9).to(torch.bfloat16)
+    x16 = sample((4, 3, 6, 6), 9).to(torch.bfloat16)
     expected = ref_layer(x16.float())  # float32 on the same rounded values
     y = layer(x16)
     assert y.dtype == torch.bfloat16
-    _close(y, expected, 5e-2, "bfloat16 output")
+    close(y, expected, 5e-2, "bfloat16 output")
     for name in ("running_mean", "running_var"):
         assert getattr(layer, name).dtype == torch.float32
-        _close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
+        close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
 
 
 def test_vmap_over_batches_equals_a_loop():
-    xs = _input((3, 8, 4, 5), 11)
+    xs = sample((3, 8, 4, 5), 11)
     rm, rv = torch.randn(4) * 0.3, torch.rand(4) + 0.5
 
     def f(x):
         return NF.batch_renorm(x, rm, rv, training=True, r_max=2.0, d_max=1.0,
                                num_batches_tracked=torch.tensor(0)).output
 
-    _close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), 1e-6, "vmap vs loop")
+    close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), 1e-6, "vmap vs loop")
 
 
 def test_functional_does_not_modify_its_arguments():
@@ -519,25 +476,25 @@ def test_accumulate_updates_once_from_the_pooled_batch():
     they stand, and the statistics move once, as from the concatenated batch."""
     from normlab.accumulate import accumulate
 
-    layer = _randomize(BatchRenorm2d(3, r_max=2.0, d_max=1.0, dtype=torch.float64))
+    layer = randomize(BatchRenorm2d(3, r_max=2.0, d_max=1.0, dtype=torch.float64))
     start = copy.deepcopy(layer)
-    batch = _input((8, 3, 4, 4), 21, torch.float64)
+    batch = sample((8, 3, 4, 4), 21, torch.float64)
     with accumulate(layer):
         outs = [layer(micro) for micro in batch.chunk(4)]
     for micro, out in zip(batch.chunk(4), outs):
-        _close(out, copy.deepcopy(start)(micro), 1e-12, "micro-batch output")
+        close(out, copy.deepcopy(start)(micro), 1e-12, "micro-batch output")
     full = copy.deepcopy(start)
     full(batch)
-    _close(layer.running_mean, full.running_mean, 1e-12, "running_mean")
-    _close(layer.running_var, full.running_var, 1e-12, "running_var")
+    close(layer.running_mean, full.running_mean, 1e-12, "running_mean")
+    close(layer.running_var, full.running_var, 1e-12, "running_var")
     assert int(layer.num_batches_tracked) == int(start.num_batches_tracked) + 1
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpoint_updates_running_statistics_once(use_reentrant):
-    layer = _randomize(BatchRenorm2d(3, r_max=2.0, d_max=1.0))
+    layer = randomize(BatchRenorm2d(3, r_max=2.0, d_max=1.0))
     plain = copy.deepcopy(layer)
-    x = _input((4, 3, 5, 5), 31).requires_grad_(True)
+    x = sample((4, 3, 5, 5), 31).requires_grad_(True)
     checkpoint(layer, x, use_reentrant=use_reentrant).square().sum().backward()
     plain(x)
     for key, value in plain.state_dict().items():
@@ -546,7 +503,7 @@ def test_checkpoint_updates_running_statistics_once(use_reentrant):
 
 def test_limits_as_tensors_equal_limits_as_numbers():
     """A schedule's value on an accelerator arrives as a 0-dim tensor (no host synchronization)."""
-    x = _input((6, 3, 4, 4), 12)
+    x = sample((6, 3, 4, 4), 12)
     rm, rv = torch.randn(3) * 0.5, torch.rand(3) + 0.5
     as_numbers = NF.batch_renorm(x, rm, rv, training=True, r_max=1.5, d_max=0.4).output
     as_tensors = NF.batch_renorm(x, rm, rv, training=True, r_max=torch.tensor(1.5), d_max=torch.tensor(0.4)).output

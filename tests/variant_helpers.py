@@ -1,0 +1,56 @@
+"""Helpers shared by the batch-norm variant tests (renorm, ghost): seeded layers and inputs,
+one torch thread, and a scale-aware closeness check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # Small tensors: on a shared 2-core machine OpenMP threads mostly wait for each other.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def kind(shape) -> int:
+    """1, 2 or 3: the BatchNorm{k}d that takes input of this shape."""
+    return max(1, len(shape) - 2)
+
+
+def randomize(layer: nn.Module, seed: int = 0) -> nn.Module:
+    """Give γ, β and the running statistics seeded, non-trivial values (count 3)."""
+    g = torch.Generator().manual_seed(seed)
+    c = layer.num_features
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            layer.bias.copy_(torch.randn(c, generator=g) * 0.5)
+        if layer.running_mean is not None:
+            layer.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            layer.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            layer.num_batches_tracked.fill_(3)
+    return layer
+
+
+def sample(shape, seed, dtype=torch.float32, fmt=None) -> torch.Tensor:
+    """Seeded data with a different mean and spread per channel (dimension 1)."""
+    g = torch.Generator().manual_seed(seed)
+    view = (1, shape[1]) + (1,) * (len(shape) - 2)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(shape[1], generator=g, dtype=torch.float64)
+                                                                 * 2 + 0.3).view(view)
+    x = (x + torch.randn(shape[1], generator=g, dtype=torch.float64).view(view)).to(dtype)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def close(actual, expected, tol, what):
+    """Max abs error at most ``tol`` times the larger of 1 and the expected values' scale."""
+    a = torch.as_tensor(actual).detach().double()
+    e = torch.as_tensor(expected).detach().double()
+    err = float((a - e).abs().max()) if a.numel() else 0.0
+    scale = max(1.0, float(e.abs().max()) if e.numel() else 1.0)
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
