@@ -12,8 +12,9 @@ kernel (``torch.batch_norm``, ``F.layer_norm``, ``F.group_norm``, ``F.instance_n
 * a batch whose statistics are not finite leaves the running statistics as they were (the
   returned ``updated`` flag says so) without a host synchronization;
 * on the CPU, where torch's kernel sums channel-innermost data (2-D input, channels_last)
-  naively and loses precision with large batches or offsets, the batch statistics are computed
-  by a blocked two-pass method (:func:`channel_mean_var`).
+  naively and loses precision with large batches or offsets, the batch statistics and the
+  gradient's sums are accumulated blockwise (:func:`channel_mean_var`), by normlab's compiled
+  kernel (:mod:`normlab.kernels`) in one pass, or by torch operations where it is unavailable.
 
 Example::
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels as _kernels
 from . import stats as _stats
 from .stats import update_running_stats
 
@@ -125,13 +127,17 @@ def _channel_innermost(x: Tensor) -> bool:
 
 
 def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (``(N, C, *)``), by a blocked two-pass method.
+    """Per-channel mean and biased variance of ``x`` (``(N, C, *)``), accurate for any layout.
 
-    ``mean = sum(x) / n`` with torch's cascaded sum; then, block by block (no full-size
-    temporary), the deviations ``d = x - mean`` give ``var = (sum(d^2) - sum(d)^2 / n) / n`` and
-    the corrected mean ``mean + sum(d) / n`` (the corrected two-pass algorithm), clamped at 0.
-    A constant channel gets its value as the mean and a variance of exactly 0. Statistics are
-    float32 for 16-bit input (float64 for float64 input).
+    With normlab's compiled kernel (:mod:`normlab.kernels`): one pass over ``x`` that sums
+    ``d = x - shift`` and ``d^2`` in blocks of rows (block sums in float64), the shift being the
+    mean of a sample of rows; ``mean = shift + E[d]``, ``var = E[d^2] - E[d]^2`` (a second pass
+    where the shift was more than a standard deviation off). Without it, torch operations:
+    ``mean = sum(x) / n`` with torch's cascaded sum, then block by block (no full-size
+    temporary) the deviations ``d = x - mean`` give ``var = (sum(d^2) - sum(d)^2 / n) / n`` and
+    the corrected mean ``mean + sum(d) / n`` (the corrected two-pass algorithm). Either way the
+    variance is clamped at 0, a constant channel gets its value as the mean and a variance of
+    0, and statistics are float32 for 16-bit input (float64 for float64 input).
 
     >>> import torch
     >>> x = torch.randn(1000, 4) + 1e4
@@ -143,6 +149,13 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     acc = _acc_dtype(x)
     rows2d = x.movedim(1, -1).reshape(-1, channels)  # a view for channel-innermost layouts
     n = rows2d.shape[0]
+    kernels = _kernels_for(rows2d) if n else None
+    if kernels is not None:
+        # One pass of sums of d = x - shift, the shift being the mean of a sample of rows:
+        # mean = shift + E[d], var = E[d^2] - E[d]^2, as accurate as two passes while the shift is
+        # within a standard deviation of the mean; the kernel passes again where it is not.
+        mean, var = kernels.mean_var(rows2d, _SHIFT_SAMPLE_ROWS)
+        return mean, var
     mean = rows2d.sum(0, dtype=acc) / n
     block_rows = max(1, _BLOCK_ELEMENTS // channels)
     if _transformed(x):  # torch.func transforms cannot write into plain buffers: no out= here
@@ -164,6 +177,20 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
         dev_sq.add_(torch.sum(d.square_(), 0, out=partial))
     var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min_(0)
     return mean + dev_sum / n, var
+
+
+# Rows in the sample whose mean shifts the data before the one-pass sums: enough that the
+# shift lands within a fraction of a standard deviation of the mean, few enough to cost nothing.
+_SHIFT_SAMPLE_ROWS = 64
+
+
+def _kernels_for(rows: Tensor):
+    """The compiled channel-innermost kernels when they can take ``rows`` (a contiguous CPU
+    matrix, eager mode, no torch.func transform), else None."""
+    if (rows.device.type != "cpu" or not rows.is_contiguous() or _compiling() or _transformed(rows)
+            or rows.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        return None
+    return _kernels.channels_last()
 
 
 # Above this condition number |mean| / std the fused kernels' y = x*a + (beta - mean*a) loses
@@ -244,6 +271,10 @@ class _BatchNormGivenStats(torch.autograd.Function):
                 grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]),
             )
             return gx, gw, gb, None, None, None, None
+        kernels = _kernels_for(_rows(x)) if grad_out.dtype == x.dtype else None
+        if kernels is not None:
+            return (*_kernel_backward(kernels, grad_out, x, weight, mean, invstd, ctx.needs_input_grad[:3]),
+                    None, None, None, None)
         gx, _, _ = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [ctx.needs_input_grad[0], False, False],
         )
@@ -256,12 +287,36 @@ class _BatchNormGivenStats(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` (``(N, C, *)``) as a ``(values per channel, C)`` matrix: a view for channel-innermost
+    layouts, a copy otherwise."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _kernel_backward(
+    kernels, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Training-mode batch-norm gradients of channel-innermost CPU input by the compiled kernels:
+    one pass for ``sum(dy)`` and ``sum(dy * (x - mean))``, one for
+    ``dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))``."""
+    gx, sum_dy, dot = kernels.backward(_rows(dy).contiguous(), _rows(x), mean, invstd, weight, bool(needs[0]))
+    if needs[0]:
+        gx = gx.reshape(x.movedim(1, -1).shape).movedim(-1, 1)  # x's strides, x's layout
+    gw = (dot * invstd.double()).to(weight.dtype) if needs[1] else None
+    gb = sum_dy.to(weight.dtype if weight is not None else x.dtype) if needs[2] else None
+    return (gx if needs[0] else None), gw, gb
+
+
 def _channel_grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` of channel-innermost tensors, with
     torch's cascaded sum and the blocked, buffered scheme of :func:`channel_mean_var`."""
     channels, acc = x.shape[1], mean.dtype
     rows_dy = dy.movedim(1, -1).reshape(-1, channels)
     rows_x = x.movedim(1, -1).reshape(-1, channels)
+    kernels = _kernels_for(rows_x) if rows_dy.dtype == rows_x.dtype else None
+    if kernels is not None:
+        sums = kernels.grad_sums(rows_dy.contiguous(), rows_x, mean).to(acc)
+        return sums[0], sums[1]
     sum_dy = rows_dy.sum(0, dtype=acc)
     block_rows = max(1, _BLOCK_ELEMENTS // channels)
     if _transformed(x):
