@@ -3,7 +3,6 @@ float64 reference, and against the torch-op path that serves where they cannot b
 
 from __future__ import annotations
 
-import shutil
 import sys
 import warnings
 
@@ -16,7 +15,8 @@ from normlab import functional as NF
 from normlab import kernels
 from normlab import reference as ref
 
-can_build = sys.platform.startswith("linux") and shutil.which("c++") is not None and not kernels.disabled()
+from kernel_paths import can_build, kernel_path as path  # noqa: F401 - a fixture
+
 needs_kernels = pytest.mark.skipif(not can_build, reason="no C++ compiler here, or NORMLAB_NO_EXTENSION set")
 
 # (shape, memory format) of channel-innermost inputs with enough rows for the accurate path
@@ -39,18 +39,6 @@ def _input(layout: str, offset: float, dtype=torch.float32, seed: int = 0) -> to
     x = x.to(dtype)
     assert NF._channel_innermost(x)
     return x
-
-
-@pytest.fixture(params=["compiled", "torch-ops"])
-def path(request, monkeypatch):
-    """Run the test with the compiled kernels and again with the torch-op fallback."""
-    if request.param == "compiled":
-        if not can_build:
-            pytest.skip("no C++ compiler here")
-        assert kernels.channels_last() is not None
-    else:
-        monkeypatch.setitem(kernels._state, "module", None)
-    return request.param
 
 
 def _moments64(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -145,6 +145,15 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
     >>> bool(torch.allclose(var, x.double().var(0, unbiased=False).float(), rtol=1e-4))
     True
     """
+    mean, var, _ = _channel_moments(x)
+    return mean, var
+
+
+def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`channel_mean_var` and the mean's rounding remainder: ``(mean, var, low)`` with
+    ``mean + low`` the mean to about twice the statistics' precision (None under torch.func
+    transforms). Subtracting ``mean`` from values near it and then ``low`` keeps a large offset's
+    rounding out of the normalized values."""
     channels = x.shape[1]
     acc = _acc_dtype(x)
     rows2d = x.movedim(1, -1).reshape(-1, channels)  # a view for channel-innermost layouts
@@ -154,8 +163,8 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
         # One pass of sums of d = x - shift, the shift being the mean of a sample of rows:
         # mean = shift + E[d], var = E[d^2] - E[d]^2, as accurate as two passes while the shift is
         # within a standard deviation of the mean; the kernel passes again where it is not.
-        mean, var = kernels.mean_var(rows2d, _SHIFT_SAMPLE_ROWS)
-        return mean, var
+        mean, var, low = kernels.mean_var(rows2d, _SHIFT_SAMPLE_ROWS)
+        return mean, var, low
     mean = rows2d.sum(0, dtype=acc) / n
     block_rows = max(1, _BLOCK_ELEMENTS // channels)
     if _transformed(x):  # torch.func transforms cannot write into plain buffers: no out= here
@@ -164,7 +173,7 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
             d = block.to(acc) - mean
             dev_sum, dev_sq = dev_sum + d.sum(0), dev_sq + torch.square(d).sum(0)
         var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min(0)
-        return mean + dev_sum / n, var
+        return mean + dev_sum / n, var, None
     # One cache-sized buffer reused for every block: no allocation (and no page faults) per block.
     buffer = torch.empty(min(block_rows, n), channels, dtype=acc, device=x.device)
     partial = torch.empty(channels, dtype=acc, device=x.device)
@@ -176,7 +185,9 @@ def channel_mean_var(x: Tensor) -> tuple[Tensor, Tensor]:
         dev_sum.add_(torch.sum(d, 0, out=partial))
         dev_sq.add_(torch.sum(d.square_(), 0, out=partial))
     var = ((dev_sq - dev_sum * dev_sum / n) / n).clamp_min_(0)
-    return mean + dev_sum / n, var
+    exact = mean.double() + dev_sum.double() / n
+    mean = exact.to(acc)
+    return mean, var, (exact - mean.double()).to(acc)
 
 
 # Rows in the sample whose mean shifts the data before the one-pass sums: enough that the
@@ -229,14 +240,17 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
 
 
 def _normalize_subtract_first(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    mean_low: Tensor | None = None,
 ) -> Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` with ``x - mean`` formed first, which is
     exact for values near the mean, then torch's inference kernel; differentiable in x, weight
-    and bias. 16-bit input is shifted in float32."""
+    and bias. 16-bit input is shifted in float32. ``mean_low``, where given, is what the mean
+    lost to rounding (the exact mean is ``mean + mean_low``): the kernel subtracts it from the
+    shifted values, where it is not lost again."""
     shifted = x.to(mean.dtype) - _channel_view(mean, x)
-    out = torch.batch_norm(shifted, weight, bias, torch.zeros_like(mean), var, False, 0.0, eps,
-                           torch.backends.cudnn.enabled)
+    low = torch.zeros_like(mean) if mean_low is None else mean_low
+    out = torch.batch_norm(shifted, weight, bias, low, var, False, 0.0, eps, torch.backends.cudnn.enabled)
     return out.to(x.dtype)
 
 
@@ -251,14 +265,14 @@ class _BatchNormGivenStats(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, mean, var, eps, subtract_first):
+    def forward(x, weight, bias, mean, var, eps, subtract_first, mean_low):
         if subtract_first:
-            return _normalize_subtract_first(x, mean, var, weight, bias, eps)
+            return _normalize_subtract_first(x, mean, var, weight, bias, eps, mean_low)
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, mean, var, eps, _ = inputs
+        x, weight, _, mean, var, eps = inputs[:6]
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
         ctx.eps = eps
 
@@ -270,11 +284,11 @@ class _BatchNormGivenStats(torch.autograd.Function):
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]),
             )
-            return gx, gw, gb, None, None, None, None
+            return gx, gw, gb, None, None, None, None, None
         kernels = _kernels_for(_rows(x)) if grad_out.dtype == x.dtype else None
         if kernels is not None:
             return (*_kernel_backward(kernels, grad_out, x, weight, mean, invstd, ctx.needs_input_grad[:3]),
-                    None, None, None, None)
+                    None, None, None, None, None)
         gx, _, _ = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [ctx.needs_input_grad[0], False, False],
         )
@@ -284,7 +298,7 @@ class _BatchNormGivenStats(torch.autograd.Function):
             sum_dy, sum_dy_centered = _channel_grad_sums(grad_out, x, mean)
             gw = (sum_dy_centered * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
             gb = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -353,8 +367,8 @@ def _batch_stats_forward(
     """
     n = _values_per_channel(x)
     if stable_stats and _channel_innermost(x) and n >= _STABLE_MIN_ROWS:
-        mean, var = channel_mean_var(x.detach())
-        out = _BatchNormGivenStats.apply(x, weight, bias, mean, var, eps, _ill_conditioned(mean, var, eps))
+        mean, var, low = _channel_moments(x.detach())
+        out = _BatchNormGivenStats.apply(x, weight, bias, mean, var, eps, _ill_conditioned(mean, var, eps), low)
         return out, mean, var
     out, mean, var = _native_training_forward(x, weight, bias, eps)
     if _ill_conditioned(mean, var, eps):
@@ -1008,18 +1022,19 @@ def _fast_kernel_ok(x: Tensor, stable_stats: bool, n: int) -> bool:
     )
 
 
-def _accurate_mean_var(x: Tensor, eps: float, stable_stats: bool) -> tuple[Tensor, Tensor]:
-    """Per-channel batch mean and biased variance of a detached ``x``, as accurate as
+def _accurate_mean_var(x: Tensor, eps: float, stable_stats: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-channel batch mean, biased variance and the mean's rounding remainder (or None; see
+    :func:`_channel_moments`) of a detached ``x``, as accurate as
     :func:`batch_norm`'s: blocked statistics for channel-innermost CPU input, torch's kernel
     otherwise, computed again after a shift for ill-conditioned channels."""
     if stable_stats and _channel_innermost(x) and _values_per_channel(x) >= _STABLE_MIN_ROWS:
-        return channel_mean_var(x)
+        return _channel_moments(x)
     _, mean, var = _native_training_forward(x, None, None, eps)
     if _ill_conditioned(mean, var, eps):
         shift = mean
         _, mean, var = _native_training_forward(x.to(shift.dtype) - _channel_view(shift, x), None, None, eps)
         mean = mean + shift
-    return mean, var
+    return mean, var, None
 
 
 def _check_renorm_limits(r_max: object, d_max: object, where: str) -> None:
@@ -1067,10 +1082,10 @@ def _batch_renorm_train(
             r, d = _renorm_factors(mean, torch.rsqrt(var + eps), running_mean, running_var, r_max, d_max, eps)
             scale, shift = _renorm_affine(w, b, r, d)
             return _NormalizeWithStats.apply(input, scale, shift, mean, var, eps), mean, var, on_cpu
-    mean, var = _accurate_mean_var(input.detach(), eps, stable_stats)
+    mean, var, low = _accurate_mean_var(input.detach(), eps, stable_stats)
     r, d = _renorm_factors(mean, torch.rsqrt(var + eps), running_mean, running_var, r_max, d_max, eps)
     scale, shift = _renorm_affine(w, b, r, d)
-    out = _BatchNormGivenStats.apply(input, scale, shift, mean, var, eps, _ill_conditioned(mean, var, eps))
+    out = _BatchNormGivenStats.apply(input, scale, shift, mean, var, eps, _ill_conditioned(mean, var, eps), low)
     return out, mean, var, False
 
 

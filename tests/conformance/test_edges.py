@@ -18,6 +18,7 @@ import normlab
 from normlab import reference as ref
 
 from .cases import randomize_, to_numpy
+from kernel_paths import kernel_path  # noqa: F401 - a fixture
 
 
 def _randomized(layer: nn.Module, seed: int = 0) -> nn.Module:
@@ -226,16 +227,16 @@ def _bn_for(x: torch.Tensor) -> nn.Module:
 
 @pytest.mark.parametrize("layout", list(_OFFSET_LAYOUTS))
 @pytest.mark.parametrize("shift", [1e4, 1e5, 1e6])
-def test_stable_statistics_large_offset(layout, shift):
+def test_stable_statistics_large_offset(layout, shift, kernel_path):
+    # The reference normalizes the float32 values the input holds; every layout gets their
+    # normalized values to a few float32 ulps, however large the offset (torch's channels_last
+    # and 2-D kernels lose ~ eps * offset / std).
     x = _offset_input(layout, shift)
-    values = to_numpy(x)
-    reduce = (0,) + tuple(range(2, x.dim()))
-    std = values.std(axis=reduce).min()
-    expected, *_ = ref.batch_norm(values, training=True)
+    expected, *_ = ref.batch_norm(to_numpy(x), training=True)
     y = _bn_for(x)(x)
     err = np.abs(to_numpy(y) - expected).max()
-    bound = 8 * 2**-23 * max(1.0, shift / std)
-    print(f"{layout} shift {shift:g}: max abs error {err:.3g} (bound {bound:.3g})")
+    bound = 16 * 2**-23
+    print(f"{layout} shift {shift:g} ({kernel_path}): max abs error {err:.3g} (bound {bound:.3g})")
     assert err <= bound
 
 
@@ -262,7 +263,7 @@ def test_constant_channel_at_large_offset_gives_exactly_beta(layout, shift):
     assert torch.equal(torch.unique(y[:, 0].detach()), torch.tensor([0.25])), torch.unique(y[:, 0])
 
 
-def test_channels_last_accuracy_vs_reference():
+def test_channels_last_accuracy_vs_reference(kernel_path):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(16, 16, 28, 28, generator=g) * 2 + 3
     expected, *_ = ref.batch_norm(to_numpy(x), training=True)
@@ -280,7 +281,7 @@ def test_channels_last_accuracy_vs_reference():
     assert last < 2e-6
 
 
-def test_channels_last_parameter_gradients_as_accurate_as_nchw():
+def test_channels_last_parameter_gradients_as_accurate_as_nchw(kernel_path):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(16, 16, 28, 28, generator=g) * 2 + 3
     dy = torch.randn(16, 16, 28, 28, generator=g)

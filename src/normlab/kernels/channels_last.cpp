@@ -104,7 +104,8 @@ at::Tensor shifted_sums(const at::Tensor& x, const at::Tensor& shift) {
   return out;
 }
 
-// Per-channel mean and biased variance, in float (double for double input). The shift is the
+// Per-channel (mean, biased variance, mean's rounding remainder), in float (double for double
+// input): mean + remainder is the mean to about twice float's precision. The shift is the
 // mean of sample_rows rows spread over the batch; a channel whose mean lies more than a
 // standard deviation from it (its spread is below the sample's error: a constant channel, say)
 // gets a second pass shifted by the first pass's mean.
@@ -147,7 +148,9 @@ std::vector<at::Tensor> mean_var(const at::Tensor& x, int64_t sample_rows) {
     if (!far) break;
     shift.copy_(mean);
   }
-  return {mean.to(acc), var.to(acc)};
+  // The mean rounded to the accumulation dtype, and what the rounding lost.
+  const at::Tensor high = mean.to(acc);
+  return {high, var.to(acc), (mean - high.to(at::kDouble)).to(acc)};
 }
 
 // (sum(dy), sum(dy * (x - mean))) per channel, as a (2, C) double tensor.
@@ -230,7 +233,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shifted_sums", &shifted_sums, "per-channel sums of x - shift and its square");
-  m.def("mean_var", &mean_var, "per-channel mean and biased variance");
+  m.def("mean_var", &mean_var, "per-channel mean, biased variance and the mean's rounding remainder");
   m.def("backward", &backward, "training-mode batch-norm backward: (dx, sum(dy), sum(dy * (x - mean)))");
   m.def("grad_sums", &grad_sums, "per-channel sums of dy and dy * (x - mean)");
   m.def("grad_input", &grad_input, "alpha * dy + beta * (x - mean) + gamma per channel");
