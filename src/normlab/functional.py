@@ -476,9 +476,11 @@ def batch_norm(
         eps: added to the variance. Default 1e-5 as torch.
         num_batches_tracked: int64 scalar tensor, batches already in the running statistics.
         unbiased: store the unbiased batch variance in ``running_var`` (torch's convention).
-        stable_stats: on the CPU, compute the batch statistics of channel-innermost input (2-D,
-            channels_last) with :func:`channel_mean_var`, as accurate as NCHW input, at some
-            cost in time; False uses torch's kernel and its accuracy (see benchmarks/README.md).
+        stable_stats: on the CPU, compute the batch statistics and gradient sums of
+            channel-innermost input (2-D, channels_last) as accurately as for NCHW input
+            (:func:`channel_mean_var`; normlab's compiled kernel, :mod:`normlab.kernels`, does
+            it in torch's time, the torch-op fallback at some cost); False uses torch's kernel
+            and its accuracy (see benchmarks/README.md).
         mask: optional bool tensor, True at valid positions, for padded sequences and point
             sets: the input's shape without the channel dimension (``(N,)`` for ``(N, C)``,
             ``(N, L)`` for ``(N, C, L)``, ``(N, H, W)`` for ``(N, C, H, W)``); size-1

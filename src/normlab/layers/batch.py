@@ -10,8 +10,9 @@ Same constructor arguments, defaults, attributes, state-dict keys and numbers as
 * ``unbiased``: store the unbiased batch variance in ``running_var`` (True, torch's convention)
   or the biased one (Keras, Flax).
 * float16/bfloat16 input is normalized with float32 statistics; running statistics stay float32.
-* CPU channels_last and 2-D input get statistics as accurate as NCHW input (``stable_stats``,
-  default True; False takes torch's faster, less accurate kernel for those layouts).
+* CPU channels_last and 2-D input get statistics and gradients as accurate as NCHW input
+  (``stable_stats``, default True; False takes torch's less accurate kernel for those layouts;
+  see :mod:`normlab.kernels` for the compiled kernel that makes the default as fast).
 * ``forward(input, mask=None)``: a bool ``mask`` (True at valid positions; the input's shape
   without the channel dimension, e.g. ``(N, L)`` for ``(N, C, L)``) restricts the statistics to
   the valid positions of padded sequences or point sets: exactly batch norm over the

@@ -29,7 +29,7 @@ Speed: in training, torch's statistics kernel (``torch.batch_norm_update_stats``
 its training kernel makes first) gives the batch statistics, then torch's inference kernel
 applies ``x_hat * (gamma r) + (gamma d + beta)`` in one pass, and the backward is torch's
 batch-norm backward with weight ``gamma r``: torch's own work, plus a few per-channel ops.
-Channel-innermost CPU input with ``stable_stats`` (2-D, channels_last) gets normlab's blocked
+Channel-innermost CPU input with ``stable_stats`` (2-D, channels_last) gets normlab's accurate
 statistics instead, as normlab's BatchNorm does. Figures in ``benchmarks/bench_variants.py``.
 """
 
