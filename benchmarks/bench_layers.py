@@ -28,9 +28,11 @@ disturbed attempt is reported, the others are kept in the JSON.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,6 +51,9 @@ import normlab
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "layers.json"
 WARMUP = 3
+# Short cases are repeated until about this many seconds of rounds, up to MAX_REPEATS rounds.
+MIN_TIMED_S = 1.5
+MAX_REPEATS = 201
 DEFAULT_REPEATS = 21
 
 CL = "channels_last"
@@ -223,7 +228,7 @@ def wait_for_quiet(max_foreign: float, max_wait_s: float, window_s: float = 2.0)
             return share
 
 
-def measure(case: Case, pass_name: str, repeats: int, seed: int = 0) -> dict:
+def measure(case: Case, pass_name: str, repeats: int, seed: int = 0, min_timed_s: float = MIN_TIMED_S) -> dict:
     run = PASSES[pass_name]
     ours, ref = _make_pair(case, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -236,9 +241,10 @@ def measure(case: Case, pass_name: str, repeats: int, seed: int = 0) -> dict:
     same_format = bool(y_ours.stride() == y_ref.stride())
     del y_ours, y_ref
 
-    for _ in range(WARMUP):
-        run(ours, x, g)
-        run(ref, x, g)
+    warm = [run(ours, x, g) + run(ref, x, g) for _ in range(WARMUP)]
+    # Short cases get more rounds (up to MAX_REPEATS), so that every case is timed for about
+    # MIN_TIMED_S: a 3 ms case swings by +-15% at 21 rounds on a shared machine.
+    repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_timed_s / max(min(warm), 1e-6))))
     t_ours: list[float] = []
     t_ref: list[float] = []
     gc_was_enabled = gc.isenabled()
@@ -305,6 +311,22 @@ def _git_commit() -> str | None:
         return None
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory instead of returning it to the OS.
+
+    Every run allocates its output (and gradients) afresh; for tensors of a few MB glibc maps
+    fresh pages each time, and the page faults (a third of a run's time at (64, 64, 56, 56), and
+    its main source of jitter on this shared VM) would add the same cost to both sides, diluting
+    the ratio toward 1 and spreading it. With freed memory kept, a run times the computation.
+    ``--os-allocator`` measures with glibc's defaults instead. Returns whether it took effect."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def environment() -> dict:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -350,6 +372,8 @@ def write_json(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--os-allocator", action="store_true",
+                        help="leave glibc's malloc returning freed memory to the OS (page faults timed too)")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed runs per implementation and case (default {DEFAULT_REPEATS}; 7 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test that takes seconds")
@@ -383,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c.layer.lower() in wanted]
 
     env = environment()
+    env["malloc_keeps_freed_memory"] = keep_freed_memory() if not args.os_allocator else False
     print(f"# normlab vs torch, CPU float32: torch {env['torch_version']}, {env['torch_num_threads']} threads, "
           f"{env['cpu_model']} ({env['cpu_count']} cores), repeats {repeats}, warm-up {WARMUP}", flush=True)
     started = time.perf_counter()
@@ -391,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         for pass_name in PASSES:
             attempts = []
             while True:
-                attempts.append(measure(case, pass_name, repeats))
+                attempts.append(measure(case, pass_name, repeats, min_timed_s=0.0 if args.quick else MIN_TIMED_S))
                 share = attempts[-1]["foreign_cpu_share"]
                 if (share is None or share <= args.max_foreign or len(attempts) >= args.attempts
                         or time.perf_counter() - started > args.retry_budget):
