@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 7 (medians of fewer runs on a shared machine mean little)")
 
     env = bl.environment()
+    env["malloc_keeps_freed_memory"] = bl.keep_freed_memory()  # as bench_layers: no page-fault noise
     print(f"# normlab variants vs torch BatchNorm, CPU float32: torch {env['torch_version']}, "
           f"{env['torch_num_threads']} threads, repeats {repeats}", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         for pass_name in bl.PASSES:
             attempts = []
             while True:
-                attempts.append(bl.measure(case, pass_name, repeats))
+                attempts.append(bl.measure(case, pass_name, repeats, min_timed_s=0.0 if args.quick else bl.MIN_TIMED_S))
                 share = attempts[-1]["foreign_cpu_share"]
                 if share is None or share <= args.max_foreign or len(attempts) >= attempts_max:
                     break
