@@ -254,6 +254,12 @@ def _normalize_subtract_first(
     return out.to(x.dtype)
 
 
+try:  # what torch's Function.apply does to its arguments outside transforms
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - other torch versions: torch's own apply serves
+    _unwrap_dead_wrappers = None
+
+
 class _BatchNormGivenStats(torch.autograd.Function):
     """Training-mode batch norm with batch statistics computed outside (no gradient through them).
 
@@ -263,6 +269,15 @@ class _BatchNormGivenStats(torch.autograd.Function):
     """
 
     generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, *args):
+        # torch's Function.apply binds the arguments to forward's signature on every call
+        # (inspect.signature, ~30 us: a tenth of a small batch norm). Every call here passes all
+        # eight positionally, so outside torch.func transforms go straight to the C++ apply.
+        if len(args) == 8 and _unwrap_dead_wrappers is not None and not torch._C._are_functorch_transforms_active():
+            return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+        return super().apply(*args)
 
     @staticmethod
     def forward(x, weight, bias, mean, var, eps, subtract_first, mean_low):
