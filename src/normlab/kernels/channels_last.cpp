@@ -35,16 +35,11 @@ void check_rows(const at::Tensor& t, const char* name, int64_t channels) {
   TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels, expected ", channels);
 }
 
-at::Tensor per_channel(const at::Tensor& t, at::ScalarType dtype, int64_t channels) {
-  TORCH_CHECK(t.numel() == channels, "per-channel tensors need ", channels, " values, got ", t.numel());
-  return t.to(at::kCPU, dtype).contiguous();
-}
-
-// Per-thread double sums of first(p, q, k) and second(p, q, k) over every row, for each
-// channel; q may be null (one-input reductions). Returns a (2, C) double tensor.
+// Per-thread double sums of step's two accumulations over every row, for each channel; q may
+// be null (one-input reductions). Returns 2 * C doubles: the first sums, then the second.
 template <typename scalar_t, typename Step>
-at::Tensor paired_sums(const scalar_t* p, const scalar_t* q, const acc_type<scalar_t>* k,
-                       int64_t rows, int64_t C, Step step) {
+std::vector<double> paired_sums(const scalar_t* p, const scalar_t* q, const acc_type<scalar_t>* k,
+                                int64_t rows, int64_t C, Step step) {
   using acc_t = acc_type<scalar_t>;
   const int threads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(threads) * 2 * C, 0.0);
@@ -70,11 +65,10 @@ at::Tensor paired_sums(const scalar_t* p, const scalar_t* q, const acc_type<scal
       }
     }
   });
-  at::Tensor out = at::zeros({2, C}, at::kDouble);
-  double* o = out.data_ptr<double>();
+  std::vector<double> out(2 * C, 0.0);
   for (int t = 0; t < threads; ++t) {
     const double* src = partial.data() + static_cast<size_t>(t) * 2 * C;
-    for (int64_t j = 0; j < 2 * C; ++j) o[j] += src[j];
+    for (int64_t j = 0; j < 2 * C; ++j) out[j] += src[j];
   }
   return out;
 }
@@ -83,26 +77,37 @@ at::ScalarType acc_scalar_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-}  // namespace
-
-// (sum(x - shift), sum((x - shift)^2)) per channel, as a (2, C) double tensor.
-at::Tensor shifted_sums(const at::Tensor& x, const at::Tensor& shift) {
-  const int64_t C = x.size(-1);
-  check_rows(x, "x", C);
-  const at::Tensor k = per_channel(shift, acc_scalar_type(x), C);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shifted_sums", [&] {
-    using acc_t = acc_type<scalar_t>;
-    out = paired_sums<scalar_t>(
-        x.const_data_ptr<scalar_t>(), nullptr, k.const_data_ptr<acc_t>(), x.size(0), C,
-        [](acc_t v, acc_t, acc_t s, acc_t& a, acc_t& b) {
-          const acc_t d = v - s;
-          a += d;
-          b += d * d;
-        });
-  });
-  return out;
+// A per-channel tensor's values as doubles.
+std::vector<double> doubles(const at::Tensor& t, int64_t channels) {
+  TORCH_CHECK(t.numel() == channels, "per-channel tensors need ", channels, " values, got ", t.numel());
+  const at::Tensor d = t.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = d.const_data_ptr<double>();
+  return std::vector<double>(p, p + channels);
 }
+
+template <typename acc_t>
+std::vector<acc_t> narrowed(const std::vector<double>& v) {
+  return std::vector<acc_t>(v.begin(), v.end());
+}
+
+template <typename scalar_t>
+std::vector<double> grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const std::vector<double>& mean) {
+  using acc_t = acc_type<scalar_t>;
+  const std::vector<acc_t> m = narrowed<acc_t>(mean);
+  return paired_sums<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m.data(),
+                               x.size(0), x.size(1), [](acc_t g, acc_t v, acc_t mu, acc_t& a, acc_t& b) {
+                                 a += g;
+                                 b += g * (v - mu);
+                               });
+}
+
+void check_pair(const at::Tensor& dy, const at::Tensor& x) {
+  check_rows(x, "x", x.size(-1));
+  check_rows(dy, "dy", x.size(-1));
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.size(0) == x.size(0), "dy must have x's shape and dtype");
+}
+
+}  // namespace
 
 // Per-channel (mean, biased variance, mean's rounding remainder), in float (double for double
 // input): mean + remainder is the mean to about twice float's precision. The shift is the
@@ -113,128 +118,111 @@ std::vector<at::Tensor> mean_var(const at::Tensor& x, int64_t sample_rows) {
   const int64_t rows = x.size(0), C = x.size(-1);
   check_rows(x, "x", C);
   TORCH_CHECK(rows > 0 && sample_rows > 0, "mean_var needs rows and sample_rows > 0");
-  const int64_t step = std::max<int64_t>(1, rows / sample_rows);
-  at::Tensor shift = at::zeros({C}, at::kDouble);
-  double* sp = shift.data_ptr<double>();
-  int64_t taken = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mean_var_sample", [&] {
+  const auto acc = acc_scalar_type(x);
+  at::Tensor mean_out = at::empty({C}, x.options().dtype(acc));
+  at::Tensor var_out = at::empty({C}, x.options().dtype(acc));
+  at::Tensor low_out = at::empty({C}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mean_var", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t step = std::max<int64_t>(1, rows / sample_rows);
+    std::vector<double> shift(C, 0.0), mean(C), var(C);
+    int64_t taken = 0;
     for (int64_t r = 0; r < rows; r += step, ++taken) {
-      for (int64_t c = 0; c < C; ++c) sp[c] += static_cast<double>(xp[r * C + c]);
+      for (int64_t c = 0; c < C; ++c) shift[c] += static_cast<double>(xp[r * C + c]);
+    }
+    for (int64_t c = 0; c < C; ++c) shift[c] /= static_cast<double>(taken);
+    for (int pass = 0; pass < 2; ++pass) {
+      // The shift in the accumulation dtype, as the sums subtract it; the mean adds back
+      // exactly that rounded value.
+      const std::vector<acc_t> k = narrowed<acc_t>(shift);
+      const std::vector<double> sums = paired_sums<scalar_t>(
+          xp, nullptr, k.data(), rows, C, [](acc_t v, acc_t, acc_t s, acc_t& a, acc_t& b) {
+            const acc_t d = v - s;
+            a += d;
+            b += d * d;
+          });
+      bool far = false;
+      for (int64_t c = 0; c < C; ++c) {
+        const double offset = sums[c] / rows;
+        var[c] = std::max(0.0, sums[C + c] / rows - offset * offset);
+        mean[c] = static_cast<double>(k[c]) + offset;
+        far = far || offset * offset > var[c];
+      }
+      if (!far) break;
+      shift = mean;
+    }
+    acc_t* mo = mean_out.data_ptr<acc_t>();
+    acc_t* vo = var_out.data_ptr<acc_t>();
+    acc_t* lo = low_out.data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      mo[c] = static_cast<acc_t>(mean[c]);
+      lo[c] = static_cast<acc_t>(mean[c] - static_cast<double>(mo[c]));
+      vo[c] = static_cast<acc_t>(var[c]);
     }
   });
-  for (int64_t c = 0; c < C; ++c) sp[c] /= static_cast<double>(taken);
-  const auto acc = acc_scalar_type(x);
-  at::Tensor mean = at::empty({C}, at::kDouble), var = at::empty({C}, at::kDouble);
-  double* mp = mean.data_ptr<double>();
-  double* vp = var.data_ptr<double>();
-  for (int pass = 0; pass < 2; ++pass) {
-    // The shift in the accumulation dtype, as the kernel subtracts it; the mean adds back
-    // exactly that rounded value.
-    const at::Tensor k = shift.to(acc);
-    const at::Tensor k64 = k.to(at::kDouble);
-    const at::Tensor sums = shifted_sums(x, k);
-    const double* s1 = sums.const_data_ptr<double>();
-    const double* s2 = s1 + C;
-    const double* kp = k64.const_data_ptr<double>();
-    bool far = false;
-    for (int64_t c = 0; c < C; ++c) {
-      const double offset = s1[c] / rows;
-      const double v = std::max(0.0, s2[c] / rows - offset * offset);
-      mp[c] = kp[c] + offset;
-      vp[c] = v;
-      far = far || offset * offset > v;
-    }
-    if (!far) break;
-    shift.copy_(mean);
-  }
-  // The mean rounded to the accumulation dtype, and what the rounding lost.
-  const at::Tensor high = mean.to(acc);
-  return {high, var.to(acc), (mean - high.to(at::kDouble)).to(acc)};
+  return {mean_out, var_out, low_out};
 }
 
 // (sum(dy), sum(dy * (x - mean))) per channel, as a (2, C) double tensor.
 at::Tensor grad_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean) {
+  check_pair(dy, x);
   const int64_t C = x.size(-1);
-  check_rows(x, "x", C);
-  check_rows(dy, "dy", C);
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.size(0) == x.size(0),
-              "dy must have x's shape and dtype");
-  const at::Tensor m = per_channel(mean, acc_scalar_type(x), C);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_sums", [&] {
-    using acc_t = acc_type<scalar_t>;
-    out = paired_sums<scalar_t>(
-        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-        x.size(0), C, [](acc_t g, acc_t v, acc_t mu, acc_t& a, acc_t& b) {
-          a += g;
-          b += g * (v - mu);
-        });
-  });
-  return out;
+  const std::vector<double> m = doubles(mean, C);
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_sums",
+                                  [&] { sums = grad_sums_impl<scalar_t>(dy, x, m); });
+  return at::tensor(sums, at::kDouble).view({2, C});
 }
 
-// alpha * dy + beta * (x - mean) + gamma, per channel, in x's dtype and (rows, C) layout.
-at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                      const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& gamma) {
-  const int64_t C = x.size(-1);
-  check_rows(x, "x", C);
-  check_rows(dy, "dy", C);
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.size(0) == x.size(0),
-              "dy must have x's shape and dtype");
-  const auto acc = acc_scalar_type(x);
-  const at::Tensor m = per_channel(mean, acc, C), a = per_channel(alpha, acc, C),
-                   b = per_channel(beta, acc, C), g = per_channel(gamma, acc, C);
-  at::Tensor out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_input", [&] {
+// Training-mode batch-norm backward given the batch mean and invstd (weight may be None: 1):
+// (dx, sum(dy), sum(dy * (x - mean))), dx None unless need_dx; the sums are double. With
+// a = gamma * invstd, n rows: dx = a * (dy - sum(dy) / n) - a * invstd^2 * sum(dy * (x - mean)) / n * (x - mean).
+std::vector<c10::optional<at::Tensor>> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                                const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
+                                                bool need_dx) {
+  check_pair(dy, x);
+  const int64_t rows = x.size(0), C = x.size(-1);
+  const std::vector<double> m = doubles(mean, C), inv = doubles(invstd, C);
+  const bool affine = weight.has_value() && weight->defined();
+  const std::vector<double> w = affine ? doubles(*weight, C) : std::vector<double>(C, 1.0);
+  c10::optional<at::Tensor> dx;
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backward", [&] {
     using acc_t = acc_type<scalar_t>;
+    sums = grad_sums_impl<scalar_t>(dy, x, m);
+    if (!need_dx) return;
+    std::vector<acc_t> alpha(C), beta(C), gamma(C), mu(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double a = w[c] * inv[c];
+      alpha[c] = static_cast<acc_t>(a);
+      beta[c] = static_cast<acc_t>(-a * inv[c] * inv[c] * sums[C + c] / rows);
+      gamma[c] = static_cast<acc_t>(-a * sums[c] / rows);
+      mu[c] = static_cast<acc_t>(m[c]);
+    }
+    at::Tensor out = at::empty_like(x);
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const acc_t* mp = m.const_data_ptr<acc_t>();
-    const acc_t* ap = a.const_data_ptr<acc_t>();
-    const acc_t* bp = b.const_data_ptr<acc_t>();
-    const acc_t* gp = g.const_data_ptr<acc_t>();
-    at::parallel_for(0, x.size(0), kGrainRows, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* __restrict__ dr = dyp + r * C;
         const scalar_t* __restrict__ xr = xp + r * C;
         scalar_t* __restrict__ orow = op + r * C;
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = ap[c] * static_cast<acc_t>(dr[c]) +
-                          bp[c] * (static_cast<acc_t>(xr[c]) - mp[c]) + gp[c];
-          orow[c] = static_cast<scalar_t>(v);
+          orow[c] = static_cast<scalar_t>(alpha[c] * static_cast<acc_t>(dr[c]) +
+                                          beta[c] * (static_cast<acc_t>(xr[c]) - mu[c]) + gamma[c]);
         }
       }
     });
+    dx = out;
   });
-  return out;
-}
-
-// Training-mode batch-norm backward given the batch mean and invstd (weight may be undefined:
-// 1): (dx, sum(dy), sum(dy * (x - mean))), dx undefined unless need_dx; the sums are double.
-// dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))).
-std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                                 const at::Tensor& invstd, const c10::optional<at::Tensor>& weight,
-                                 bool need_dx) {
-  const int64_t rows = x.size(0), C = x.size(-1);
-  const at::Tensor sums = grad_sums(dy, x, mean);
-  const at::Tensor sum_dy = sums[0], dot = sums[1];
-  at::Tensor dx;
-  if (need_dx) {
-    const at::Tensor inv = invstd.to(at::kDouble);
-    const at::Tensor alpha = weight.has_value() && weight->defined() ? weight->to(at::kDouble) * inv : inv;
-    const at::Tensor beta = -alpha * inv * inv * dot / static_cast<double>(rows);
-    const at::Tensor gamma = -alpha * sum_dy / static_cast<double>(rows);
-    dx = grad_input(dy, x, mean, alpha, beta, gamma);
-  }
-  return {dx, sum_dy, dot};
+  const at::Tensor all = at::tensor(sums, at::kDouble);
+  return {dx, all.slice(0, 0, C), all.slice(0, C, 2 * C)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("shifted_sums", &shifted_sums, "per-channel sums of x - shift and its square");
   m.def("mean_var", &mean_var, "per-channel mean, biased variance and the mean's rounding remainder");
   m.def("backward", &backward, "training-mode batch-norm backward: (dx, sum(dy), sum(dy * (x - mean)))");
   m.def("grad_sums", &grad_sums, "per-channel sums of dy and dy * (x - mean)");
-  m.def("grad_input", &grad_input, "alpha * dy + beta * (x - mean) + gamma per channel");
 }
