@@ -156,7 +156,7 @@ def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     rounding out of the normalized values."""
     channels = x.shape[1]
     acc = _acc_dtype(x)
-    rows2d = x.movedim(1, -1).reshape(-1, channels)  # a view for channel-innermost layouts
+    rows2d = _rows(x)
     n = rows2d.shape[0]
     kernels = _kernels_for(rows2d) if n else None
     if kernels is not None:
@@ -340,8 +340,7 @@ def _channel_grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Ten
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` of channel-innermost tensors, with
     torch's cascaded sum and the blocked, buffered scheme of :func:`channel_mean_var`."""
     channels, acc = x.shape[1], mean.dtype
-    rows_dy = dy.movedim(1, -1).reshape(-1, channels)
-    rows_x = x.movedim(1, -1).reshape(-1, channels)
+    rows_dy, rows_x = _rows(dy), _rows(x)
     kernels = _kernels_for(rows_x) if rows_dy.dtype == rows_x.dtype else None
     if kernels is not None:
         sums = kernels.grad_sums(rows_dy.contiguous(), rows_x, mean).to(acc)
