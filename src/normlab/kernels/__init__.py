@@ -63,7 +63,10 @@ def _load() -> ModuleType | None:
         # The name carries torch's version and the instruction set: a cached build made for
         # another torch or another CPU (a shared home directory) is never loaded by mistake.
         tag = re.sub(r"\W", "_", f"{torch.__version__}_{'avx2' if vector_flags else 'base'}")
-        _log.info("normlab: building the channel-innermost CPU kernels (once; about a minute)")
+        message = "normlab: compiling its channels_last CPU kernel, once (about a minute)..."
+        _log.info(message)
+        if sys.stderr is not None and sys.stderr.isatty():  # a person waiting sees why
+            print(message, file=sys.stderr, flush=True)
         return cpp_extension.load(
             name=f"normlab_channels_last_{tag}",
             sources=[str(_SOURCE)],
