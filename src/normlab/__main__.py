@@ -4,4 +4,7 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# The guard matters: the lab's worker processes start by "spawn", which imports the parent's
+# main module again (as __mp_main__); without it every worker would run the command.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="exit 1 if the measured outcome misses the expected one")
     run.add_argument("--resume", action="store_true", help="continue a stopped run (--out, or the latest one)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--jobs", type=int, metavar="N",
+                     help="run the (arm, grid point, seed) jobs in N worker processes, one torch thread each "
+                          "(default: the number of cores; 1 runs them in this process)")
+    run.add_argument("--first-seed", type=int, metavar="S", help="seeds S, S+1, ... (train.first_seed)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="data-parallel over N processes on this machine, through torchrun (gloo on CPU, nccl on GPU)")
     run.add_argument("--sync-bn", action="store_true",
@@ -102,6 +106,7 @@ def _resolve_config(args):
     flags = {
         "train.sync_bn": True if args.sync_bn else None,
         "train.seeds": args.seeds, "train.steps": args.steps, "train.device": args.device,
+        "train.first_seed": args.first_seed,
         "data.name": args.data, "data.data_dir": args.data_dir,
     }
     config = apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
@@ -158,17 +163,24 @@ def _launch_torchrun(args, argv: list[str]) -> int:
 
 
 def _cmd_run(args) -> int:
+    from .lab.config import grid_points
     from .lab.report import format_summary_table, write_report
     from .lab.trainer import Interrupted, Trainer
 
     experiment, config = _resolve_config(args)
     run_dir = _run_dir(args, config)
-    trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress)
+    from .lab.executor import default_jobs
+
+    jobs = args.jobs if args.jobs is not None else (1 if "WORLD_SIZE" in os.environ else default_jobs())
+    trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress, jobs=jobs)
     main = trainer.team.main
     if main:
         team = f", {trainer.team.world} processes" if trainer.team.active else ""
-        print(f"normlab: {experiment.name}: {len(config.arms)} arms x {config.train.seeds} seeds x "
-              f"{config.train.steps} steps on {config.data.name} ({trainer.device}{team}) -> {run_dir}",
+        points = len(grid_points(config))
+        grid = f" x {points} grid points" if config.grid else ""
+        workers = f", {jobs} worker processes" if jobs > 1 and not trainer.team.active else ""
+        print(f"normlab: {experiment.name}: {len(config.arms)} arms{grid} x {config.train.seeds} seeds x "
+              f"{config.train.steps} steps on {config.data.name} ({trainer.device}{team}{workers}) -> {run_dir}",
               file=sys.stderr)
     try:
         trainer.run()

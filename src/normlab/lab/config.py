@@ -36,6 +36,9 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "arm_config",
+    "check_grid",
+    "grid_points",
+    "point_config",
     "config_from_dict",
     "config_to_dict",
     "load_toml_overrides",
@@ -66,6 +69,7 @@ class ModelConfig:
     placement: str = "before"  # norm "before" the activation (Ioffe & Szegedy) or "after" it
     dropout: float = 0.0  # dropout probability after each hidden block
     init_std: float | None = None  # std of a Gaussian weight init with zero biases; None: torch's default
+    init_gain: float | None = None  # Gaussian init with std = gain / sqrt(fan_in), zero biases (He: 2**0.5); overrides init_std
 
 
 @dataclass
@@ -76,7 +80,8 @@ class TrainConfig:
     lr: float = 0.5  # learning rate
     momentum: float = 0.0  # SGD momentum (0: plain SGD)
     weight_decay: float = 0.0  # L2 penalty through the optimizer
-    seeds: int = 3  # seeds 0..seeds-1; arms share a seed's initial weights and batches
+    seeds: int = 3  # seeds first_seed .. first_seed+seeds-1; arms share a seed's initial weights and batches
+    first_seed: int = 0  # the first seed (another set of seeds checks that a verdict holds)
     eval_every: int = 50  # evaluate on the test split every this many steps (and at step 0)
     checkpoint_every: int = 500  # steps between checkpoints (a run resumes from the last one)
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
@@ -90,6 +95,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm name -> dotted overrides
+    # Grid axes: dotted key -> values; every arm trains at every point of their product (and every seed).
+    grid: dict[str, list[Any]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # experiment-specific knobs (e.g. target accuracy)
 
 
@@ -198,11 +205,52 @@ def apply_overrides(config: ExperimentConfig, overrides: dict[str, Any], *, pars
     return config
 
 
-def arm_config(config: ExperimentConfig, arm: str) -> ExperimentConfig:
-    """The config one arm trains with: the base config plus the arm's overrides."""
+def arm_config(config: ExperimentConfig, arm: str, point: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The config one arm trains with at one grid point: the base config, then the point's
+    values, then the arm's overrides; the result has no grid left."""
     if arm not in config.arms:
         raise ConfigError(f"unknown arm {arm!r}; this experiment's arms are {list(config.arms)}.")
+    config = point_config(config, point or {})
     return apply_overrides(config, config.arms[arm])
+
+
+def check_grid(config: ExperimentConfig) -> None:
+    """Every grid axis is a valid dotted key with a non-empty list of values of the key's type.
+
+    Raises:
+        ConfigError: naming the axis, what it holds and what is valid.
+    """
+    keys = valid_keys(config)
+    for key, values in config.grid.items():
+        if key not in keys:
+            raise ConfigError(f"unknown grid axis {key!r}; a grid axis is a config key, one of: {', '.join(keys)}.")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid axis {key!r} must be a non-empty list of values, got {values!r}.")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise ConfigError(f"grid axis {key!r} repeats a value: {values!r}; list each value once.")
+        for value in values:
+            apply_overrides(config, {key: value}, parse=False)
+
+
+def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """The points of the grid, in order (the first axis varies slowest); ``[{}]`` without a grid.
+
+    >>> cfg = ExperimentConfig(experiment="demo", grid={"train.lr": [0.1, 1.0], "model.activation": ["relu"]})
+    >>> grid_points(cfg)
+    [{'train.lr': 0.1, 'model.activation': 'relu'}, {'train.lr': 1.0, 'model.activation': 'relu'}]
+    """
+    check_grid(config)
+    points: list[dict[str, Any]] = [{}]
+    for key, values in config.grid.items():
+        points = [{**point, key: value} for point in points for value in values]
+    return points
+
+
+def point_config(config: ExperimentConfig, point: dict[str, Any]) -> ExperimentConfig:
+    """``config`` with one grid point's values applied and no grid left (what a job trains)."""
+    config = apply_overrides(config, point, parse=False)
+    config.grid = {}
+    return config
 
 
 def load_toml_overrides(path: str | Path) -> dict[str, Any]:
@@ -216,8 +264,8 @@ def load_toml_overrides(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}.") from None
     flat: dict[str, Any] = {}
     for section, body in data.items():
-        if section == "arms" and isinstance(body, dict):
-            flat["__arms__"] = body
+        if section in ("arms", "grid") and isinstance(body, dict):
+            flat[f"__{section}__"] = body
         elif isinstance(body, dict):
             for name, value in body.items():
                 flat[f"{section}.{name}"] = value
@@ -239,6 +287,7 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
         experiment=data["experiment"],
         arms=dict(data.get("arms", {})),
         params=dict(data.get("params", {})),
+        grid={key: list(values) for key, values in data.get("grid", {}).items()},
     )
     flat = {f"{s}.{k}": v for s in _SECTIONS for k, v in data.get(s, {}).items()}
     return apply_overrides(base, flat, parse=False)

@@ -28,17 +28,28 @@ def _t(df: int) -> float:
     return T_975[df - 1] if df <= len(T_975) else 1.96
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, low, high)``: the mean and its two-sided 95% t-interval (low = high = mean for one value)."""
+def mean_ci(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean and its two-sided 95% t-interval (low = high = mean for one value).
+
+    ``bounds``: the statistic's range (``(0, 1)`` for an accuracy); the interval is clipped to it,
+    so it never claims values the statistic cannot take.
+
+    >>> mean_ci([1.0, 0.95], bounds=(0, 1))[2]
+    1.0
+    """
     n = len(values)
     if n == 0:
         raise ValueError("mean_ci needs at least one value.")
     mean = sum(values) / n
     if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = _t(n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+        low = high = mean
+    else:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = _t(n - 1) * sd / math.sqrt(n)
+        low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return mean, low, high
 
 
 def geometric_mean_ci(ratios: Sequence[float]) -> tuple[float, float, float]:

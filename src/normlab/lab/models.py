@@ -21,7 +21,7 @@ from torch import nn
 from ..layers.registry import get_norm, norm_names
 from .config import ConfigError, ModelConfig
 
-__all__ = ["ACTIVATIONS", "Block", "build_model"]
+__all__ = ["ACTIVATIONS", "Block", "build_model", "check_model_config"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -55,7 +55,8 @@ class Block(nn.Sequential):
         return self[names.index("act") - 1]
 
 
-def _check(config: ModelConfig) -> None:
+def check_model_config(config: ModelConfig) -> None:
+    """Raise a ``ConfigError`` naming the first bad field of a model config (and what is valid)."""
     if config.kind not in ("mlp", "cnn"):
         raise ConfigError(f"model.kind must be 'mlp' or 'cnn', got {config.kind!r}.")
     if config.activation not in ACTIVATIONS:
@@ -70,6 +71,8 @@ def _check(config: ModelConfig) -> None:
         raise ConfigError(f"model.dropout must lie in [0, 1), got {config.dropout!r}.")
     if config.init_std is not None and config.init_std <= 0:
         raise ConfigError(f"model.init_std must be > 0 or none (torch's default init), got {config.init_std!r}.")
+    if config.init_gain is not None and config.init_gain <= 0:
+        raise ConfigError(f"model.init_gain must be > 0 or none (init_std or torch's default), got {config.init_gain!r}.")
 
 
 def _norm(config: ModelConfig, channels: int, spatial: int) -> nn.Module | None:
@@ -95,7 +98,7 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         ``nn.Sequential`` of ``Flatten`` (MLP), the hidden :class:`Block` s, pooling (CNN) and
         the output layer; ``model.blocks`` lists the blocks.
     """
-    _check(config)
+    check_model_config(config)
     act = ACTIVATIONS[config.activation]
     blocks: list[Block] = []
     if config.kind == "mlp":
@@ -117,9 +120,11 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         tail = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     model = nn.Sequential(*head, *blocks, *tail)
     model.blocks = blocks  # type: ignore[attr-defined]
-    if config.init_std is not None:
+    if config.init_std is not None or config.init_gain is not None:
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.normal_(module.weight, 0.0, config.init_std)
+                fan_in = module.weight[0].numel()
+                std = config.init_std if config.init_gain is None else config.init_gain / fan_in**0.5
+                nn.init.normal_(module.weight, 0.0, std)
                 nn.init.zeros_(module.bias)
     return model

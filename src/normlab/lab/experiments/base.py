@@ -14,6 +14,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..verdicts import Finding, combine
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -29,7 +31,7 @@ class Summary:
     Attributes:
         experiment: the experiment's name.
         claim: the claim tested, e.g. "C1: batch norm makes training faster".
-        verdict: "supported", "not supported" or "mixed".
+        verdict: "supported", "not supported", "mixed" or "inconclusive" (see :mod:`normlab.lab.verdicts`).
         expected: the declared expected outcome, in words.
         met: whether the measured outcome meets the expected one (``--check`` exits 1 if not).
         headline: one sentence with the key measured number(s).
@@ -37,6 +39,7 @@ class Summary:
         rows: the summary table's rows, already formatted as strings.
         published: the published anchors, one line each (the paper's figure beside ours).
         notes: further remarks (e.g. seeds that never reached the target).
+        findings: one :class:`~normlab.lab.verdicts.Finding` per claim tested (the suite's index rows).
     """
 
     experiment: str
@@ -49,9 +52,36 @@ class Summary:
     rows: list[list[str]]
     published: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["findings"] = [f.to_dict() for f in self.findings]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Summary":
+        """The inverse of :meth:`to_dict` (e.g. a run's ``summary.json``)."""
+        data = dict(data)
+        data["findings"] = [Finding(**f) for f in data.get("findings", [])]
+        return cls(**data)
+
+    @classmethod
+    def of_findings(cls, experiment: "Experiment", findings: list[Finding], *, headline: str, columns: list[str],
+                    rows: list[list[str]], published: list[str] | None = None,
+                    notes: list[str] | None = None) -> "Summary":
+        """A summary whose verdict and ``met`` follow from its findings (one per claim tested):
+        the verdict combines theirs (:func:`~normlab.lab.verdicts.combine`), ``met`` holds when
+        every finding met its expected outcome, and ``expected`` lists each finding's."""
+        verdict = combine("all", findings).verdict if findings else "inconclusive"
+        reasons = [f"{f.claim} {f.verdict}: {f.reason}" for f in findings if not f.met]
+        return cls(
+            experiment=experiment.name, claim=experiment.claim, verdict=verdict,
+            expected="; ".join(f"{f.claim}: {f.expected}" for f in findings),
+            met=bool(findings) and all(f.met for f in findings), headline=headline, columns=columns, rows=rows,
+            published=list(published or []), notes=list(notes or []) + [f"Expected outcome missed: {r}." for r in reasons],
+            findings=findings,
+        )
 
 
 @dataclass(frozen=True)
@@ -64,6 +94,16 @@ class FigureSpec:
         ``"percentiles"``: probe values ``{probe}_p15``, ``{probe}_p50``, ``{probe}_p85`` (keys of
         the rows' ``probes`` dict) against ``step``, one panel per arm, the 50th as a line and
         the 15th/85th as lines around it, seeds averaged (as Ioffe & Szegedy's Fig. 1b,c).
+
+        ``"grid"``: a statistic of each job against the grid axis ``axis``, one line per arm
+        (mean over seeds) with a band from the seeds' min to max. The statistic is ``metric``
+        (a row key or probe name) reduced over a job's rows by ``reduce``: ``"final"`` (the
+        last evaluation), ``"best"`` (max), ``"min"``, ``"mean"``. A numeric axis spanning more
+        than 20x is drawn on a log scale (or always with ``logx``); a text axis as categories.
+        ``marks``: vertical lines ``((x, label), ...)`` (e.g. standard initializations).
+
+    For every kind, ``where`` keeps only the jobs at those grid values (``{"train.lr": 0.1}``),
+    and ``panel`` draws one panel per value of that grid axis.
     """
 
     kind: str
@@ -73,6 +113,12 @@ class FigureSpec:
     probe: str = ""
     caption: str = ""
     logy: bool = False
+    axis: str = ""
+    reduce: str = "final"
+    logx: bool | None = None
+    panel: str = ""
+    where: tuple[tuple[str, Any], ...] = ()
+    marks: tuple[tuple[float, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +140,7 @@ class Experiment(abc.ABC):
     claim: str = ""
     title: str = ""
     description: str = ""
+    claims: tuple[str, ...] = ()  # the ids of the claims tested (normlab.lab.claims.CLAIMS)
     figures: tuple[FigureSpec, ...] = ()
 
     @abc.abstractmethod
