@@ -1,7 +1,8 @@
 """The ``normlab`` command: list experiments, run one, rebuild a report.
 
 Exit codes: 0 success; 1 ``--check`` found the measured outcome missing the expected one;
-2 bad arguments, config or data; 130 interrupted (continue with ``--resume``).
+2 bad arguments, config or data; 3 a job failed (its traceback is in the run folder's
+``errors/``; finished jobs are kept); 130 interrupted (continue with ``--resume``).
 Errors print one line; ``NORMLAB_DEBUG=1`` shows the traceback instead.
 """
 
@@ -14,23 +15,26 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .lab.executor import JobFailed
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_JOB_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """examples:
   normlab list
+  normlab reproduce --quick                           # every experiment, one index of claims and verdicts
+  normlab reproduce --claims C4,C5 --seeds 5 --check
   normlab run ioffe2015-mnist --quick                 # minutes on 2 CPU cores, embedded MNIST
   normlab run ioffe2015-mnist --seeds 5 --steps 5000 --check
   normlab run ioffe2015-mnist --data mnist --data-dir ~/data --device cuda
   normlab run ioffe2015-mnist --quick --set train.lr=0.5 --set model.widths=[200,200]
   normlab run ioffe2015-mnist --quick --resume        # continue the latest stopped run
   normlab run ioffe2015-mnist --quick --nproc 2 --sync-bn   # = torchrun --nproc-per-node 2 -m normlab run ...
-  normlab report runs/ioffe2015-mnist-quick-20261125-101500
+  normlab report runs/ioffe2015-mnist-quick-20261125-101500    # or a suite folder: every report and the index
   normlab inspect runs/ioffe2015-mnist-quick-20261125-101500/checkpoints/batch-seed0.pt
   normlab fold runs/ioffe2015-mnist-quick-20261125-101500/checkpoints/batch-seed0.pt folded.pt
 
 exit codes: 0 success, 1 --check: expected outcome missed, 2 bad arguments/config/data,
-130 interrupted (continue with --resume)."""
+3 a job failed (traceback in the run folder's errors/), 130 interrupted (continue with --resume)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,18 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{list,run,report,inspect,fold}", parser_class=_Parser)
-    sub.add_parser("list", help="the experiments, one line each")
+    sub = parser.add_subparsers(dest="command", metavar="{list,run,reproduce,report,inspect,fold}", parser_class=_Parser)
+    sub.add_parser("list", help="the experiments, one line each, with the claims they test")
 
     run = sub.add_parser("run", help="run an experiment and write its report", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("experiment", help="an experiment name (normlab list)")
     run.add_argument("--quick", action="store_true", help="the experiment's quick form (fewer steps and seeds)")
-    run.add_argument("--seeds", type=int, help="number of seeds (train.seeds)")
+    _job_options(run)
     run.add_argument("--steps", type=int, help="steps per arm and seed (train.steps)")
-    run.add_argument("--device", help="auto, cpu or cuda (train.device)")
-    run.add_argument("--data", help="data set name (data.name): mnist-5k, digits, synthetic, mnist, fashion-mnist, cifar10")
-    run.add_argument("--data-dir", help="folder with the standard files of mnist / fashion-mnist / cifar10")
     run.add_argument("--out", help="run folder (default runs/EXPERIMENT[-quick]-TIMESTAMP)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
@@ -69,16 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="exit 1 if the measured outcome misses the expected one")
     run.add_argument("--resume", action="store_true", help="continue a stopped run (--out, or the latest one)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--jobs", type=int, metavar="N",
-                     help="run the (arm, grid point, seed) jobs in N worker processes, one torch thread each "
-                          "(default: the number of cores; 1 runs them in this process)")
-    run.add_argument("--first-seed", type=int, metavar="S", help="seeds S, S+1, ... (train.first_seed)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="data-parallel over N processes on this machine, through torchrun (gloo on CPU, nccl on GPU)")
     run.add_argument("--sync-bn", action="store_true",
                      help="with several processes, synchronize batch-norm statistics over the global batch (train.sync_bn)")
 
-    report = sub.add_parser("report", help="rebuild report.html and report.md from a run folder")
+    reproduce = sub.add_parser("reproduce", help="run every experiment (or those testing --claims) and write an index of verdicts",
+                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    reproduce.add_argument("--quick", action="store_true", help="every experiment's quick form")
+    reproduce.add_argument("--claims", metavar="C4,C5", help="only the experiments that test these claims")
+    reproduce.add_argument("--experiments", metavar="NAME,...", help="only these experiments (normlab list)")
+    _job_options(reproduce)
+    reproduce.add_argument("--out", help="suite folder (default runs/suite[-quick]-TIMESTAMP)")
+    reproduce.add_argument("--check", action="store_true", help="exit 1 if any experiment misses its expected outcome")
+    reproduce.add_argument("--resume", action="store_true", help="continue a stopped suite (--out, or the latest one)")
+    reproduce.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = sub.add_parser("report", help="rebuild report.html and report.md from a run folder (a suite folder: every report and the index)")
     report.add_argument("run_dir")
 
     inspect = sub.add_parser("inspect", help="list the normalization layers of a checkpoint and the health of their statistics")
@@ -91,6 +99,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``run`` and ``reproduce`` share."""
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="run the (arm, grid point, seed) jobs in N worker processes, one torch thread each "
+                             "(default: the number of cores; 1 runs them in this process)")
+    parser.add_argument("--seeds", type=int, metavar="K", help="number of seeds (train.seeds)")
+    parser.add_argument("--first-seed", type=int, metavar="S", help="seeds S, S+1, ... (train.first_seed)")
+    parser.add_argument("--device", help="auto, cpu or cuda (train.device)")
+    parser.add_argument("--data", help="data set name (data.name): mnist-5k, digits, synthetic, mnist, fashion-mnist, cifar10")
+    parser.add_argument("--data-dir", help="folder with the standard files of mnist / fashion-mnist / cifar10")
+
+
+def _flag_overrides(args) -> dict:
+    """The shared options as config overrides (only those given)."""
+    flags = {
+        "train.seeds": args.seeds, "train.first_seed": args.first_seed, "train.device": args.device,
+        "data.name": args.data, "data.data_dir": args.data_dir,
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _jobs(args) -> int:
+    from .lab.executor import default_jobs
+
+    if args.jobs is not None and args.jobs < 1:
+        raise _UsageError(f"--jobs must be at least 1, got {args.jobs}.")
+    return args.jobs if args.jobs is not None else (1 if "WORLD_SIZE" in os.environ else default_jobs())
+
+
 def _resolve_config(args):
     from .lab.config import apply_overrides, load_toml_overrides, parse_set
     from .lab.experiments.base import get_experiment
@@ -99,17 +136,14 @@ def _resolve_config(args):
     config = experiment.quick_config() if args.quick else experiment.default_config()
     if args.config:
         file_overrides = load_toml_overrides(args.config)
-        arms = file_overrides.pop("__arms__", None)
+        arms, grid = file_overrides.pop("__arms__", None), file_overrides.pop("__grid__", None)
         config = apply_overrides(config, file_overrides, parse=False)
         if arms is not None:
             config.arms = {name: dict(body) for name, body in arms.items()}
-    flags = {
-        "train.sync_bn": True if args.sync_bn else None,
-        "train.seeds": args.seeds, "train.steps": args.steps, "train.device": args.device,
-        "train.first_seed": args.first_seed,
-        "data.name": args.data, "data.data_dir": args.data_dir,
-    }
-    config = apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
+        if grid is not None:
+            config.grid = {axis: values for axis, values in grid.items()}
+    flags = {"train.sync_bn": True if args.sync_bn else None, "train.steps": args.steps}
+    config = apply_overrides(config, {**{k: v for k, v in flags.items() if v is not None}, **_flag_overrides(args)})
     config = apply_overrides(config, parse_set(args.set))
     return experiment, config
 
@@ -119,21 +153,63 @@ def _run_dir(args, config) -> Path:
         return Path(args.out)
     stem = f"{config.experiment}{'-quick' if args.quick else ''}"
     if args.resume:
-        candidates = sorted(Path("runs").glob(f"{stem}-2*"), key=lambda p: p.name)
-        if not candidates:
-            raise _UsageError(f"--resume found no earlier run under runs/{stem}-*; give its folder with --out.")
-        return candidates[-1]
+        return _latest(stem)
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _cmd_list() -> int:
+    from .lab.claims import CLAIMS
     from .lab.experiments import all_experiments
 
     experiments = all_experiments()
     width = max(len(name) for name in experiments)
+    claims = {name: ",".join(e.claims) for name, e in experiments.items()}
+    cwidth = max(len(c) for c in claims.values())
     for name, experiment in sorted(experiments.items()):
-        print(f"{name:<{width}}  {experiment.description}")
+        print(f"{name:<{width}}  {claims[name]:<{cwidth}}  {experiment.description}")
+    tested = {c for e in experiments.values() for c in e.claims}
+    untested = [c for c in CLAIMS if c not in tested]
+    print(f"\n{len(tested)} of {len(CLAIMS)} claims have an experiment" +
+          (f"; none yet for {', '.join(untested)}." if untested else "."))
     return EXIT_OK
+
+
+def _cmd_reproduce(args) -> int:
+    from .lab.report import format_summary_table
+    from .lab.suite import SuiteOptions, run_suite, select_experiments
+    from .lab.trainer import Interrupted
+
+    def split(text):
+        return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+    experiments = select_experiments(claims=split(args.claims), names=split(args.experiments))
+    options = SuiteOptions([e.name for e in experiments], args.quick, _flag_overrides(args))
+    for experiment in experiments:
+        options.config(experiment)  # a bad override fails here, before anything runs
+    stem = f"suite{'-quick' if args.quick else ''}"
+    out = Path(args.out) if args.out else _latest(stem) if args.resume else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.perf_counter()
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        summaries = run_suite(out, options, jobs=_jobs(args), resume=args.resume, progress=not args.no_progress, say=say)
+    except Interrupted as stop:
+        say(f"normlab: interrupted ({stop}); continue with the same command plus --resume --out {out}")
+        return EXIT_INTERRUPTED
+    for summary in summaries:
+        print(f"== {summary.experiment}\n{format_summary_table(summary)}\n")
+    print(f"index: {out / 'index.html'}\n       {out / 'index.md'}\n({time.perf_counter() - started:.0f} s)")
+    missed = [s.experiment for s in summaries if not s.met]
+    if args.check and missed:
+        say(f"normlab: --check: expected outcome missed by {', '.join(missed)}")
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def _latest(stem: str) -> Path:
+    candidates = sorted(Path("runs").glob(f"{stem}-2*"), key=lambda p: p.name)
+    if not candidates:
+        raise _UsageError(f"--resume found no earlier run under runs/{stem}-*; give its folder with --out.")
+    return candidates[-1]
 
 
 def _launch_torchrun(args, argv: list[str]) -> int:
@@ -169,9 +245,7 @@ def _cmd_run(args) -> int:
 
     experiment, config = _resolve_config(args)
     run_dir = _run_dir(args, config)
-    from .lab.executor import default_jobs
-
-    jobs = args.jobs if args.jobs is not None else (1 if "WORLD_SIZE" in os.environ else default_jobs())
+    jobs = _jobs(args)
     trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress, jobs=jobs)
     main = trainer.team.main
     if main:
@@ -216,7 +290,12 @@ def _summary(paths):
 
 def _cmd_report(args) -> int:
     from .lab.report import format_summary_table, write_report
+    from .lab.suite import is_suite, write_index
 
+    if is_suite(args.run_dir):
+        paths = write_index(Path(args.run_dir), rebuild=True)
+        print(f"index: {paths['html']}\n       {paths['md']}")
+        return EXIT_OK
     paths = write_report(Path(args.run_dir))
     print(format_summary_table(_summary(paths)))
     print(f"\nreport: {paths['html']}\n        {paths['md']}")
@@ -237,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc is not None:
                 return _launch_torchrun(args, list(argv if argv is not None else sys.argv[1:]))
             return _cmd_run(args)
+        if args.command == "reproduce":
+            return _cmd_reproduce(args)
         if args.command == "inspect":
             from .surgery.commands import inspect_checkpoint
 
@@ -253,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"normlab: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except JobFailed as err:
+        if os.environ.get("NORMLAB_DEBUG"):
+            raise
+        print(f"normlab: error: {err}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -14,6 +14,7 @@ import pytest
 from normlab.lab.config import ConfigError, apply_overrides
 from normlab.lab.experiments import all_experiments
 from normlab.lab.runfiles import read_jsonl
+from normlab.lab import trainer as trainer_module
 from normlab.lab.trainer import BatchSampler, Interrupted, Trainer
 
 EXPERIMENT = all_experiments()["ioffe2015-mnist"]
@@ -43,7 +44,7 @@ def test_rows_cover_every_job_and_evaluation(reference_rows):
     keys = {(r["arm"], r["seed"], r["step"]) for r in reference_rows}
     assert keys == {(a, s, t) for a in ("none", "batch") for s in (0, 1) for t in range(0, 41, 5)}
     row = next(r for r in reference_rows if r["step"] == 40)
-    assert set(row) == {"step", "arm", "seed", "train_loss", "test_loss", "test_acc", "wall_time", "probes"}
+    assert set(row) == {"step", "arm", "seed", "train_loss", "train_loss_sd", "test_loss", "test_acc", "wall_time", "probes"}
     assert set(row["probes"]) == {"sigmoid_input_p15", "sigmoid_input_p50", "sigmoid_input_p85"}
     assert row["probes"]["sigmoid_input_p15"] <= row["probes"]["sigmoid_input_p50"] <= row["probes"]["sigmoid_input_p85"]
     assert 0.0 <= row["test_acc"] <= 1.0 and row["train_loss"] > 0
@@ -69,19 +70,19 @@ def test_arms_of_one_seed_share_initial_weights(reference_rows):
 def test_resume_after_in_process_interruption_gives_the_same_metrics(tmp_path, reference_rows, monkeypatch):
     run = tmp_path / "run"
     trainer = Trainer(EXPERIMENT, small_config(), run, progress=False)
-    evaluate = Trainer._evaluate
+    evaluate = trainer_module._evaluate
     calls = {"n": 0}
 
-    def evaluate_then_stop(self, *args):
-        evaluate(self, *args)
+    def evaluate_then_signal(*args):
         calls["n"] += 1
         if calls["n"] == 14:  # in the second job, between checkpoints (step 20 of 'batch' seed 0)
-            self._signal["stop"] = True
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: the job checkpoints and stops
+        return evaluate(*args)
 
-    monkeypatch.setattr(Trainer, "_evaluate", evaluate_then_stop)
+    monkeypatch.setattr(trainer_module, "_evaluate", evaluate_then_signal)
     with pytest.raises(Interrupted, match="checkpoint saved"):
         trainer.run()
-    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    monkeypatch.setattr(trainer_module, "_evaluate", evaluate)
     finished_before = [r for r in read_jsonl(run / "metrics.jsonl") if r["arm"] == "none" and r["seed"] == 0]
     resumed = Trainer(EXPERIMENT, small_config(), run, resume=True, progress=False).run()
     assert comparable(resumed) == comparable(reference_rows)

@@ -24,6 +24,8 @@ import multiprocessing
 import os
 import queue as queue_module
 import signal
+import threading
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -138,6 +140,15 @@ def _init_worker(stop, events) -> None:
     # The driver decides when to stop (a terminal's Ctrl-C reaches the whole process group):
     # workers hear it through the stop event, checkpoint and return.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose driver was killed (SIGKILL, out of memory) would wait for work forever:
+    leave as soon as the parent is gone. Its job keeps its last checkpoint for --resume."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 @dataclass

@@ -49,7 +49,8 @@ from .experiments.base import Experiment, get_experiment
 from .models import build_model, check_model_config
 from .runfiles import append_jsonl, atomic_write_bytes, read_jsonl, write_jsonl
 
-__all__ = ["Interrupted", "Job", "RunPaths", "Trainer", "BatchSampler", "resolve_device", "run_job", "execute"]
+__all__ = ["Interrupted", "Job", "RunPaths", "Trainer", "BatchSampler", "execute", "plan_jobs", "resolve_device",
+           "run_job", "unfinished_jobs"]
 
 
 class Interrupted(Exception):
@@ -381,6 +382,25 @@ def _save(path: Path, job: Job, model, optimizer, sampler, window, step, wall, r
 # Runs
 
 
+def plan_jobs(config: ExperimentConfig, run_dir: str | Path) -> list[Job]:
+    """Every job of a run of ``config`` in ``run_dir``: seeds, then grid points, then arms."""
+    as_dict = config_to_dict(config)
+    t = config.train
+    return [
+        Job(config.experiment, str(run_dir), as_dict, arm, seed, tuple(point.items()))
+        for seed in range(t.first_seed, t.first_seed + t.seeds)
+        for point in grid_points(config)
+        for arm in config.arms
+    ]
+
+
+def unfinished_jobs(run_dir: str | Path) -> list[Job]:
+    """The jobs of the run in ``run_dir`` (from its ``config.json``) that have not finished."""
+    paths = RunPaths(Path(run_dir))
+    config = config_from_dict(json.loads(paths.config.read_text(encoding="utf-8")))
+    return [job for job in plan_jobs(config, run_dir) if not paths.finished(job.key).exists()]
+
+
 class Trainer:
     """Runs one experiment's jobs into a run folder.
 
@@ -450,14 +470,7 @@ class Trainer:
 
     def jobs(self) -> list[Job]:
         """Every job of the run, in the order their rows appear in ``metrics.jsonl``."""
-        config = config_to_dict(self.config)
-        t = self.config.train
-        return [
-            Job(self.experiment.name, str(self.paths.root), config, arm, seed, tuple(point.items()))
-            for seed in range(t.first_seed, t.first_seed + t.seeds)
-            for point in grid_points(self.config)
-            for arm in self.config.arms
-        ]
+        return plan_jobs(self.config, self.paths.root)
 
     # -- the folder ------------------------------------------------------------------------
     def prepare(self) -> list[Job]:
@@ -525,25 +538,37 @@ class Trainer:
         return self.rows()
 
 
-def execute(runs: Sequence[Trainer], *, jobs: int = 1, progress: bool = True) -> None:
+def execute(runs: Sequence[Trainer], *, jobs: int = 1, progress: bool = True,
+            finished: Callable[[Trainer], None] = lambda run: None) -> None:
     """Run the unfinished jobs of several runs through one executor (``jobs`` worker processes,
-    or this process for 1) and write each finished job into its run folder as it ends. Metrics
-    files are left in job order even when the run stops early."""
+    or this process for 1) and write each finished job into its run folder as it ends;
+    ``finished(run)`` is called when a run's last job is done. Metrics files are left in job
+    order even when the run stops early."""
     from .executor import make_executor
 
     pending = [(run, job) for run in runs for job in run.prepare()]
-    owner = {job.key + "\0" + job.run_dir: run for run, job in pending}
+    owner = {(job.run_dir, job.key): run for run, job in pending}
+    left = {id(run): sum(1 for r, _ in pending if r is run) for run in runs}
     main = all(run.team.main for run in runs)
     total = sum(job.steps for _, job in pending)
-    data = {job.run_dir: run.data for run, job in pending}
     team = runs[0].team if runs else Team()
+
+    def done(job: Job, rows: list[dict[str, Any]]) -> None:
+        run = owner[(job.run_dir, job.key)]
+        run.finish_job(job, rows)
+        left[id(run)] -= 1
+        if not left[id(run)] and run.team.main:
+            run._write_metrics()
+            finished(run)
+
+    for run in runs:
+        if not left[id(run)] and run.team.main:
+            finished(run)
     try:
         with _progress_bar(total, progress and main) as bar:
             make_executor(jobs, team=team).run(
-                [job for _, job in pending],
-                done=lambda job, rows: owner[job.key + "\0" + job.run_dir].finish_job(job, rows),
-                progress=bar.update,
-                data_of=lambda job: data[job.run_dir],
+                [job for _, job in pending], done=done, progress=bar.update,
+                data_of=lambda job: owner[(job.run_dir, job.key)].data,
             )
     finally:
         for run in runs:
