@@ -94,7 +94,10 @@ def write_traceback(job: "Job", text: str) -> Path:
 
 def _failure(job: "Job", error: str, text: str) -> JobFailed:
     path = write_traceback(job, text)
-    return JobFailed(f"job {job.label} failed: {error} (traceback: {path})")
+    first = error.strip().splitlines()[0] if error.strip() else "unknown error"
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return JobFailed(f"job {job.label} failed: {first} (traceback: {path})")
 
 
 class Executor(abc.ABC):

@@ -242,7 +242,7 @@ def run_job(
     data = data if data is not None else dataset_for(cfg, device)
     paths = RunPaths(Path(job.run_dir))
     ckpt_path = paths.checkpoint(job.key)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
+    state = _load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     steps, every = cfg.train.steps, cfg.train.eval_every
     if state is not None and (state["step"] >= steps or state.get("diverged")):
         progress(steps)
@@ -335,6 +335,15 @@ def run_job(
             for _, remove in probes:
                 remove()
     return rows
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"cannot read the job's checkpoint {path}: delete it to train this job again from the "
+                         f"start ({type(err).__name__}: {first})") from err
 
 
 @torch.no_grad()
