@@ -248,6 +248,9 @@ class ProcessExecutor(Executor):
             for child in multiprocessing.active_children():
                 child.terminate()
             raise
+        except BaseException:
+            stop.set()  # e.g. the driver could not write a result: running jobs checkpoint and return
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             events.close()

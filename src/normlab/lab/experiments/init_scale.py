@@ -28,8 +28,8 @@ a wider range, by at least 1 decade (a gain 10x off the standard still trains); 
 +-0.25 decades is "no effect". No published number anchors this claim.
 
 Quick form: gains 0.01 .. 100 in half decades plus the three standard gains (12 points), 3 seeds,
-400 steps, evaluated every 50. Full form: gains 0.001 .. 1000 in quarter decades plus the
-standard gains, 5 seeds, 2000 steps.
+400 steps, evaluated every 50. Full form: gains 0.001 .. 1000 in third-decades plus the
+standard gains (21 points), 5 seeds, 2000 steps, evaluated every 100.
 """
 
 from __future__ import annotations
@@ -41,23 +41,24 @@ from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from ..intervals import mean_ci
 from ..verdicts import Rule
 from .base import Experiment, FigureSpec, Summary, register
-from .common import axis_widths, censor_notes, fmt_value, log_grid
+from .common import axis_widths, censor_notes, fmt_value, log_grid, mean_by_value
 
 __all__ = ["InitScale", "STANDARD_GAINS"]
 
 AXIS = "model.init_gain"
 
-# (gain, name): the standard initializations, as gains of std = gain / sqrt(fan_in).
+# (gain, short name for the figure's marks, name for the table): the standard initializations,
+# as gains of std = gain / sqrt(fan_in).
 STANDARD_GAINS = (
-    (round(1 / math.sqrt(3), 4), "torch default (1/sqrt 3)"),
-    (1.0, "LeCun / Xavier (1)"),
-    (round(math.sqrt(2), 4), "He (sqrt 2)"),
+    (round(1 / math.sqrt(3), 4), "torch", "torch default (1/sqrt 3)"),
+    (1.0, "LeCun", "LeCun / Xavier (1)"),
+    (round(math.sqrt(2), 4), "He", "He (sqrt 2)"),
 )
 
 
 def _grid(low_exp: float, high_exp: float, per_decade: int) -> list[float]:
     """A log grid with the standard gains added (each value once, sorted)."""
-    return sorted(set(log_grid(low_exp, high_exp, per_decade)) | {g for g, _ in STANDARD_GAINS})
+    return sorted(set(log_grid(low_exp, high_exp, per_decade)) | {g for g, _, _ in STANDARD_GAINS})
 
 
 def _mean(values: list[float]) -> float:
@@ -78,7 +79,7 @@ class InitScale(Experiment):
             caption="Initial weights: Gaussian with std gain / sqrt(fan_in). Mean over seeds; the band spans the "
                     "seeds' minimum to maximum; vertical lines mark the standard initializations. A run whose loss "
                     "became NaN stopped there and shows the accuracy of the broken network.",
-            marks=tuple((g, name) for g, name in STANDARD_GAINS),
+            marks=tuple((g, mark) for g, mark, _ in STANDARD_GAINS),
         ),
         FigureSpec(
             kind="curve", metric="test_acc", where=((AXIS, round(math.sqrt(2), 4)),),
@@ -102,7 +103,7 @@ class InitScale(Experiment):
             train=TrainConfig(steps=2000, batch_size=60, optimizer="sgd", lr=0.1, seeds=5, eval_every=100,
                               checkpoint_every=1000),
             arms={"none": {"model.norm": "none"}, "batch": {"model.norm": "batch"}},
-            grid={AXIS: _grid(-3, 3, 4)},
+            grid={AXIS: _grid(-3, 3, 3)},
             params={"train_fraction": 0.9, "min_width_gain": 1.0, "width_band": 0.25},
         )
 
@@ -131,7 +132,7 @@ class InitScale(Experiment):
         frac = params.get("train_fraction", 0.9)
         ax = axis_widths(rows, AXIS, frac, grid=config.get("grid", {}).get(AXIS) or None)
         arms = [a for a in (config.get("arms") or {}) if a in ax.finals] or ax.arms
-        standard = [(g, name) for g, name in STANDARD_GAINS if g in ax.grid]
+        standard = [(g, name) for g, _, name in STANDARD_GAINS if g in ax.grid]
 
         table: list[list[str]] = []
         notes: list[str] = []
@@ -160,6 +161,15 @@ class InitScale(Experiment):
             headline = "no width to report: the run lacks a 'none' or 'batch' arm on the initial-scale grid."
         notes.extend(censor_notes(ax, "batch", "none", "initial-scale grid"))
         notes.extend(ax.figure_note(arm, "Figure 1") for arm in arms)
+        notes.extend(n for arm in arms for n in self._edge_notes(ax, arm, config["train"]["steps"]))
+        if finding.verdict in ("mixed", "not supported"):
+            notes.append(
+                f"The range of initial scales that trains is not as much wider with batch norm as expected "
+                f"({finding.text}). Possible reasons: with {len(config['model']['widths'])} hidden layers the "
+                f"per-layer factor gain/sqrt 2 compounds only that many times, so the plain network tolerates a "
+                f"fair range; with batch norm, large scales lower the effective learning rate (lr / scale^2), so "
+                f"within {config['train']['steps']} steps they learn too slowly to reach the bar; and the output "
+                f"layer, which batch norm does not normalize, still feels the scale.")
         if ax.threshold is not None:
             notes.insert(0, f"An initial scale trains when its final test accuracy reaches {ax.threshold:.3f} "
                             f"({frac:.0%} of the best mean final accuracy, {ax.best_mean:.3f}).")
@@ -174,6 +184,44 @@ class InitScale(Experiment):
                        "back-propagation through a layer unaffected by the scale of its parameters "
                        "(BN(aWu) = BN(Wu)), so training depends less on the initialization."],
         )
+
+    @staticmethod
+    def _edge_notes(ax, arm: str, steps: int) -> list[str]:
+        """Why ``arm`` fails outside its range, read off the data: no learning, divergence, or slow learning."""
+        if ax.threshold is None:
+            return []
+        # Where the arm trains on average, a diverged run counting as not training.
+        trains = mean_by_value(ax.finals.get(arm, {}))
+        above = [x for x in ax.grid if trains.get(x) is not None and trains[x] >= ax.threshold]
+        if not above:
+            return []
+        means = ax.plotted_means(arm)
+        out = []
+        for side, xs in (("small", [x for x in ax.grid if x < above[0]]), ("large", [x for x in ax.grid if x > above[-1]])):
+            vals = [means[x] for x in xs if means.get(x) is not None]
+            if not vals:
+                continue
+            div = sum(ax.diverged[arm].get(x, 0) for x in xs)
+            n = len(xs) * len(ax.finals[arm])
+            where = f"gains {'below' if side == 'small' else 'above'} {fmt_value(above[0] if side == 'small' else above[-1])}"
+            if div:
+                text = (f"{arm!r} at {where}: {div} of {n} runs diverged (loss NaN/inf)"
+                        + (": without normalization the signal grows by about gain/sqrt 2 per ReLU layer until the "
+                           "loss overflows." if arm == "none" and side == "large" else "."))
+            elif arm == "none" and side == "small":
+                text = (f"{arm!r} at {where}: no run diverged, and the mean final accuracy is at most {max(vals):.3f}: "
+                        f"the signal shrinks by about gain/sqrt 2 per ReLU layer, so the output and the early layers' "
+                        f"gradients vanish and SGD barely moves in {steps} steps.")
+            elif arm != "none" and side == "large":
+                text = (f"{arm!r} at {where}: no run diverged; the mean final accuracy falls to {min(vals):.3f}. "
+                        f"A normalized layer's output ignores its weights' scale, but its effective learning rate "
+                        f"scales as lr / scale^2, so large initial weights learn slowly: this edge is set by the "
+                        f"{steps}-step budget and would move with a longer run.")
+            else:
+                text = (f"{arm!r} at {where}: no run diverged; the mean final accuracy is "
+                        f"{min(vals):.3f} .. {max(vals):.3f}.")
+            out.append(text)
+        return out
 
 
 register(InitScale())

@@ -29,9 +29,9 @@ Statistics, per seed, then mean and 95% t-interval over seeds (Rules declared in
   ``acc_bn(lr_bn) - acc_none(lr_none)``. Bjorck et al. predict the first is negligible: the rule
   is an equivalence test, supported when its CI lies within +-1 accuracy point.
 
-Quick form: 7 rates 0.01 .. 10 (half-decade steps), 3 seeds, 400 steps, evaluated every 50
-steps. Full form: 15 rates 0.001 .. 31.6 (third-of-a-decade steps... see :meth:`default_config`),
-5 seeds, 2000 steps.
+Quick form: 8 rates 0.00316 .. 10 (half-decade steps), 3 seeds, 400 steps, evaluated every 50
+steps. Full form: 19 rates 0.001 .. 31.6 (quarter-decade steps), 5 seeds, 2000 steps, evaluated
+every 100 steps.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class LearningRateSensitivity(Experiment):
             train=TrainConfig(steps=2000, batch_size=60, optimizer="sgd", lr=0.1, seeds=5, eval_every=100,
                               checkpoint_every=1000),
             arms={"none": {"model.norm": "none"}, "batch": {"model.norm": "batch"}},
-            grid={AXIS: log_grid(-3, 1.5, 3)},
+            grid={AXIS: log_grid(-3, 1.5, 4)},
             params={"train_fraction": 0.9, "target_fraction": 0.95, "min_width_gain": round(math.log10(5), 3),
                     "width_band": 0.25, "bjorck_band": 0.01},
         )
@@ -178,6 +178,7 @@ class LearningRateSensitivity(Experiment):
         else:
             width = width_rule.decide(None, None, None, n=0, note="the run lacks a 'none' or 'batch' arm on the grid")
         notes.extend(censor_notes(ax, "batch", "none", "learning-rate grid"))
+        notes.extend(self._edge_notes(ax, seeds, steps))
 
         # Bjorck et al. 2018: the advantage at the plain network's best rate vs at BN's best rate.
         lr_none, lr_bn = best_lr.get("none"), best_lr.get("batch")
@@ -191,7 +192,8 @@ class LearningRateSensitivity(Experiment):
         if same:
             bjorck = bjorck_rule.decide(*mean_ci(same), n=len(same))
             o_mean, o_low, o_high = mean_ci(own)
-            share = _mean(same) / o_mean if o_mean > 0 else None
+            # A share of the advantage is read only when BN has one at its own best rate (CI above 0).
+            share = _mean(same) / o_mean if o_low > 0 else None
             table.append([f"BN advantage at lr {fmt_value(lr_none)} (none's best)", "", "", "", bjorck.text, "", ""])
             table.append([f"BN advantage at lr {fmt_value(lr_bn)} (BN's best)", "", "", "",
                           f"{o_mean:.3f} [{o_low:.3f}, {o_high:.3f}]", "", ""])
@@ -200,8 +202,9 @@ class LearningRateSensitivity(Experiment):
                 f"accuracy differs from the plain network's by {_mean(same) * 100:+.1f} points; at its own best rate "
                 f"({fmt_value(lr_bn)}) by {o_mean * 100:+.1f} points"
                 + (f", so {share:.0%} of its advantage is left at the plain network's rate." if share is not None
-                   else ": batch norm has no accuracy advantage at its own best rate either, so there is none for "
-                        "the larger rate to explain."))
+                   else f": the advantage at its own best rate is not distinguishable from none (95% CI "
+                        f"[{o_low:.3f}, {o_high:.3f}]), so there is little for the larger rate to explain, and "
+                        f"comparable accuracy at the plain network's rate is expected either way."))
         else:
             bjorck = bjorck_rule.decide(None, None, None, n=0,
                                         note="no seed has both arms' final accuracy at the plain network's best rate")
@@ -210,6 +213,7 @@ class LearningRateSensitivity(Experiment):
         if speed_note:
             notes.append(speed_note)
         notes.extend(ax.figure_note(arm, "Figure 1") for arm in arms)
+        notes.extend(self._interpretation(ax, width, bjorck, seeds, steps))
         if ax.threshold is not None:
             notes.insert(0, f"A learning rate trains when its final test accuracy reaches {ax.threshold:.3f} "
                             f"({frac:.0%} of the best mean final accuracy, {ax.best_mean:.3f}); the steps-to-target "
@@ -232,6 +236,62 @@ class LearningRateSensitivity(Experiment):
                      "steps to target at best rate (mean)", "diverged jobs"],
             rows=table, published=PUBLISHED, notes=notes,
         )
+
+    @staticmethod
+    def _interpretation(ax, width, bjorck, seeds, steps) -> list[str]:
+        """Why a verdict may differ from the published claims, from what this run shows."""
+        out = []
+        if width.verdict in ("mixed", "not supported") and seeds and "batch" in ax.ranges and "none" in ax.ranges:
+            def mean_log(arm, end):
+                vals = [getattr(ax.ranges[arm][s], end) for s in seeds]
+                vals = [math.log10(v) for v in vals if v is not None]
+                return sum(vals) / len(vals) if vals else None
+            parts = []
+            hb, hn = mean_log("batch", "high"), mean_log("none", "high")
+            lb, ln = mean_log("batch", "low"), mean_log("none", "low")
+            if hb is not None and hn is not None:
+                parts.append(f"batch norm's largest trainable rate is {10 ** (hb - hn):.3g}x the plain network's "
+                             f"(geometric mean), {'below' if hb - hn < math.log10(5) else 'at least'} the 5x of "
+                             f"Ioffe & Szegedy's BN-x5")
+            if lb is not None and ln is not None and lb > ln:
+                parts.append(f"at the low end batch norm needs a {10 ** (lb - ln):.3g}x larger rate than the plain "
+                             f"network to reach the bar in {steps} steps, which narrows its range")
+            out.append("The trainable range with batch norm is not as much wider as the claim expects: "
+                       + "; ".join(parts) + ". Possible reasons: a shallow MLP with He initialization is already "
+                       "well conditioned, so the plain network tolerates fairly high rates; the output layer is not "
+                       "normalized, and it may limit the largest rate with batch norm too; and a small data set "
+                       "reaches its accuracy ceiling at many rates, so the bar separates little.")
+        if bjorck.verdict == "not supported" and bjorck.estimate is not None:
+            out.append(f"Contrary to Bjorck et al. 2018, batch norm keeps an accuracy difference of "
+                       f"{bjorck.estimate * 100:+.1f} points at the plain network's best rate: here part of its "
+                       f"effect is not the larger rate. Bjorck et al. compared fully trained ResNets on CIFAR-10; "
+                       f"this run stops after {steps} steps, where a faster start still shows in the final accuracy.")
+        return out
+
+    @staticmethod
+    def _edge_notes(ax, seeds, steps) -> list[str]:
+        """The largest and smallest rates that trained, BN over none (per seed, geometric mean)."""
+        if "batch" not in ax.ranges or "none" not in ax.ranges:
+            return []
+        out = []
+        for end, word in (("high", "largest"), ("low", "smallest")):
+            pairs = [(getattr(ax.ranges["batch"][s], end), getattr(ax.ranges["none"][s], end)) for s in seeds]
+            ratios = [b / n for b, n in pairs if b is not None and n is not None]
+            if not ratios:
+                continue
+            gm, low, high = geometric_mean_ci(ratios)
+            edge = ("at_high_edge" if end == "high" else "at_low_edge")
+            cut = any(getattr(ax.ranges[a][s], edge) for a in ("batch", "none") for s in seeds)
+            text = (f"The {word} rate that trained: batch norm's is {gm:.3g}x the plain network's "
+                    f"[{low:.3g}, {high:.3g}] (geometric mean over {len(ratios)} seeds)"
+                    + (" (cut by the end of the grid in some seed)" if cut else ""))
+            if end == "high":
+                text += ("; Ioffe & Szegedy trained BN-Inception at 5x and 30x the base rate.")
+            else:
+                text += (f". At the low end both networks are limited by the {steps}-step budget (a small rate has "
+                         f"not finished learning), so a longer run moves this edge down for both.")
+            out.append(text)
+        return out
 
     @staticmethod
     def _reach(jobs, arm, lr, per_seed, target) -> dict[Any, int | None]:
