@@ -145,3 +145,20 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match="device 'cuda' was asked for but torch sees no CUDA GPU"):
         Trainer(EXPERIMENT, small_config(**{"train.device": "cuda"}), tmp_path / "run", progress=False)
+
+
+def test_a_diverging_job_stops_and_says_so(tmp_path):
+    config = small_config(**{"train.lr": 1e30, "model.activation": "relu", "train.seeds": 1})
+    rows = Trainer(EXPERIMENT, config, tmp_path / "run", progress=False).run()
+    none = [r for r in rows if r["arm"] == "none"]
+    assert none[-1]["diverged"] is True and none[-1]["train_loss"] is None
+    assert none[-1]["step"] < 40 and all(not r.get("diverged") for r in none[:-1])
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: non-finite values are null
+
+
+def test_train_loss_sd_is_the_spread_of_the_steps_since_the_last_evaluation(reference_rows):
+    rows = [r for r in reference_rows if r["step"] > 0]
+    assert all(r["train_loss_sd"] >= 0 for r in rows)
+    assert any(r["train_loss_sd"] > 0 for r in rows)
+    assert all(r["train_loss_sd"] is None for r in reference_rows if r["step"] == 0)

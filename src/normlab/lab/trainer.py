@@ -356,9 +356,9 @@ def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, d
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(1) == y).sum())
-    values: dict[str, float] = {}
+    values: dict[str, float | None] = {}
     for read, _ in probes:
-        values.update(read())
+        values.update({key: _finite(float(v)) for key, v in read().items()})  # strict JSON: NaN becomes null
     row: dict[str, Any] = {"step": step, "arm": job.arm, "seed": job.seed}
     if job.point:
         row["point"] = dict(job.point)
