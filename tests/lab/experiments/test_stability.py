@@ -44,15 +44,17 @@ def job_rows(arm, rate, seed, *, cv=0.5, loss=0.1, acc=0.9, diverge_at=None):
     return rows
 
 
-def make_rows(seeds=3, rates=RATES, *, cv=None, acc=None, diverge=None):
-    """Rows for every (arm, rate, seed). ``cv(arm, rate, seed)``, ``acc(arm, rate, seed)`` and
-    ``diverge(arm, rate, seed)`` (the step it diverges at, or None) default to a healthy run."""
+def make_rows(seeds=3, rates=RATES, *, cv=None, acc=None, diverge=None, loss=None):
+    """Rows for every (arm, rate, seed). ``cv(arm, rate, seed)``, ``acc(arm, rate, seed)``,
+    ``loss(arm, rate, seed)`` and ``diverge(arm, rate, seed)`` (the step it diverges at, or None)
+    default to a healthy run."""
     cv = cv or (lambda arm, rate, seed: 0.5)
+    loss = loss or (lambda arm, rate, seed: 0.1)
     acc = acc or (lambda arm, rate, seed: 0.9 + 0.003 * seed)
     diverge = diverge or (lambda arm, rate, seed: None)
     return [row for rate in rates for arm in ("none", "batch") for seed in range(seeds)
             for row in job_rows(arm, rate, seed, cv=cv(arm, rate, seed), acc=acc(arm, rate, seed),
-                                diverge_at=diverge(arm, rate, seed))]
+                                loss=loss(arm, rate, seed), diverge_at=diverge(arm, rate, seed))]
 
 
 def findings(rows, cfg=None):
@@ -204,6 +206,26 @@ def test_supported_beside_not_supported_gives_mixed():
     summary, variation, spread, divergence = findings(rows)
     assert (variation.verdict, divergence.verdict) == ("supported", "not supported")
     assert summary.verdict == "mixed" and not summary.met
+
+
+# -- notes -----------------------------------------------------------------------------------
+
+def test_notes_say_what_the_figures_show():
+    rows = make_rows(diverge=lambda arm, rate, seed: 20 if arm == "none" and rate == 1.0 else None)
+    summary, *_ = findings(rows)
+    assert any(note.startswith("Figures at lr 1: none: every run diverged, at steps 20, 20, 20 (its curves stop "
+                               "there); batch: training loss 0.1 and step-to-step SD 0.05") for note in summary.notes)
+    assert summary.rows[6][:3] == ["1", "none", "3/3"] and summary.rows[6][3] == "n/a (all diverged)"
+
+
+def test_notes_flag_an_absolute_spread_that_points_the_other_way():
+    # Without BN the loss is 10x lower and jitters 2x more relative to it: 5x less in absolute terms.
+    rows = make_rows(cv=lambda arm, rate, seed: (0.8 if arm == "none" else 0.4) * jitter(seed + rate),
+                     loss=lambda arm, rate, seed: 0.01 if arm == "none" else 0.1)
+    summary, variation, _, _ = findings(rows)
+    assert variation.verdict == "supported"
+    assert any("absolute step-to-step SD points the other way: none / BN 0.20x" in n for n in summary.notes)
+    assert summary.rows[-1][-2:] == ["0.20x", "0.10x"]
 
 
 # -- helpers ---------------------------------------------------------------------------------
