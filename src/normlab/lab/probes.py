@@ -55,9 +55,10 @@ def grad_norm_probe(prefix: str, weights_of=_hidden_weights):
       no gradients, so ``.grad`` then holds that step's gradients (one batch). None at step 0.
     * ``{prefix}_init_{i}``: the same for the very first training step, i.e. the gradient at the
       initial weights, kept by tensor hooks that fire at the first backward and are removed at
-      the next evaluation. They appear in every row after the first step. A job resumed from a
-      checkpoint (its first evaluation comes after a backward) does not record them again: its
-      earlier rows, kept in the checkpoint, hold them.
+      the next evaluation. They appear once, in the first row after the first step, so that a
+      job resumed from a checkpoint (whose earlier rows, kept in the checkpoint, hold them) ends
+      with the rows of an uninterrupted one. (A job stopped between step 0 and its first
+      evaluation after it resumes without them.)
 
     Under data parallelism the ``init`` values are the local batch slice's gradient (the hooks
     fire before the all-reduce); the others are the averaged gradient.
@@ -107,6 +108,7 @@ def grad_norm_probe(prefix: str, weights_of=_hidden_weights):
                 values = {f"{prefix}_{i}": v for (i, _), v in zip(grads, norms)}
             if state["fresh"] and len(first) == len(weights):
                 values.update({f"{prefix}_init_{i}": first[i] for i in sorted(first)})
+                state["fresh"] = False  # once: a resumed job's rows then equal an uninterrupted one's
             return values
 
         return read, remove

@@ -292,9 +292,16 @@ def _plot_grid(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) ->
                 if x is not None and v is not None:
                     per_x.setdefault(x, []).append(v)
             xs = sorted(per_x, key=_sort_key)
-            if xs:
-                _band(ax, xs if numeric else [categories.index(x) for x in xs], [per_x[x] for x in xs], colour, style, label)
-                drawn = True
+            if xs and numeric:
+                _band(ax, xs, [per_x[x] for x in xs], colour, style, label)
+            elif xs:  # categories: no line between them (it would mean nothing), the seeds' range as a bar
+                shift = 0.08 * (len(series) - 1) * (series.index((label, arm, series_rows)) / max(len(series) - 1, 1) - 0.5)
+                at = [categories.index(x) + shift for x in xs]
+                means = [sum(per_x[x]) / len(per_x[x]) for x in xs]
+                ax.errorbar(at, means, yerr=[[m - min(per_x[x]) for m, x in zip(means, xs)],
+                                             [max(per_x[x]) - m for m, x in zip(means, xs)]],
+                            color=colour, ls="none", marker="o", ms=5, capsize=4, label=label)
+            drawn = drawn or bool(xs)
         for x, mark in spec.marks:
             ax.axvline(x, color="0.5", lw=0.8, ls=":")
             ax.annotate(mark, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
@@ -303,6 +310,7 @@ def _plot_grid(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) ->
             ax.set_xscale("log")
         if not numeric and categories:
             ax.set_xticks(range(len(categories)), [_fmt(c) for c in categories])
+            ax.set_xlim(-0.5, len(categories) - 0.5)
         if title:
             ax.set_title(title, fontsize="medium")
         _finish(ax, spec, drawn, _short(spec.axis) if spec.axis else "", f"{spec.metric!r} per {spec.axis!r}", i == 0)

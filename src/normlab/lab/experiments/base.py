@@ -96,7 +96,8 @@ class FigureSpec:
         the 15th/85th as lines around it, seeds averaged (as Ioffe & Szegedy's Fig. 1b,c).
 
         ``"grid"``: a statistic of each job against the grid axis ``axis``, one line per arm
-        (mean over seeds) with a band from the seeds' min to max. The statistic is ``metric``
+        (mean over seeds) with a band from the seeds' min to max (a text axis: a point per
+        category with the seeds' range as an error bar, no line). The statistic is ``metric``
         (a row key or probe name) reduced over a job's rows by ``reduce``: ``"final"`` (the
         last evaluation), ``"best"`` (max), ``"min"``, ``"mean"``. A numeric axis spanning more
         than 20x is drawn on a log scale (or always with ``logx``); a text axis as categories.

@@ -25,7 +25,7 @@ risk: at initialization BN makes the gradient of a deep fully connected network 
 the input (gradient explosion); the notes say when rho_BN exceeds 1.
 
 Forms: full 5 seeds x 6,000 steps (batch 60, lr 0.1, evaluation every 100 steps); quick 3
-seeds x 1,500 steps (evaluation every 50), about a minute on 2 cores with ``--jobs 2``.
+seeds x 1,500 steps (evaluation every 50): about 80 s of CPU, 50 s wall on 2 cores with ``--jobs 2``.
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ class VanishingGradients(Experiment):
                     if g is None:
                         continue
                     way = "falls" if g < 1 else "grows"
-                    text = f"{arm}: {way} by {abs(math.log10(g)):.1f} decades from layer {depth} to layer 1 (g_1/g_D = {g:.2g}"
+                    text = (f"{arm}: {way} by {abs(math.log10(g)):.1f} decades from layer {depth} to layer 1 "
+                            f"(g_1/g_D = {g:.2g}")
                     if depth > 2:
                         text += (f"; over layers 2..{depth}, whose inputs are hidden units, g_2/g_D = "
                                  f"{_gm([v[1] / v[-1] for v in p.values() if v[1] > 0]):.2g}")
