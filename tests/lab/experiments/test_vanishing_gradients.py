@@ -145,7 +145,7 @@ def test_probe_keeps_the_first_backward_and_reads_the_last():
     assert [values[f"g_{i}"] for i in (1, 2, 3)] == pytest.approx(last)
     assert first != pytest.approx(last)
     _step(net, 3)
-    assert [read()[f"g_init_{i}"] for i in (1, 2, 3)] == pytest.approx(first)  # kept, not overwritten
+    assert sorted(read()) == ["g_1", "g_2", "g_3"]  # reported once: a resumed job's rows match
     remove()
 
 
@@ -172,12 +172,11 @@ def test_tiny_run_end_to_end(tmp_path):
         keys = set(row["probes"])
         if row["step"] == 0:
             assert keys == set()
-        else:
+        elif row["step"] == 10:  # the first evaluation after the first step: the init values, once
             assert keys == {f"grad_norm_{i}" for i in (1, 2, 3)} | {f"grad_norm_init_{i}" for i in (1, 2, 3)}
-            assert all(v > 0 and math.isfinite(v) for v in row["probes"].values())
-    # The init values are the same in every row of a job (the first step's gradient).
-    job = [r for r in rows if r["arm"] == "batch" and r["seed"] == 1 and r["point"]["model.activation"] == "tanh"]
-    assert job[1]["probes"]["grad_norm_init_1"] == job[2]["probes"]["grad_norm_init_1"]
+        else:
+            assert keys == {f"grad_norm_{i}" for i in (1, 2, 3)}
+        assert all(v > 0 and math.isfinite(v) for v in row["probes"].values())
     summary = EXPERIMENT.summarize(rows, config_to_dict(cfg))
     assert summary.verdict == "inconclusive" and "only 2 seeds" in summary.findings[0].reason
     assert [r[:2] for r in summary.rows[:2]] == [["sigmoid", "none"], ["sigmoid", "batch"]]

@@ -33,7 +33,7 @@ from ..rows import JobId, diverged, final, group_jobs
 
 __all__ = [
     "AxisWidths", "TrainableRange", "axis_finals", "axis_widths", "best_value", "cell_widths", "censor_notes",
-    "fraction_threshold",
+    "curve_note", "fraction_threshold",
     "fmt_value", "job_of", "log_grid", "mean_by_value", "trainable_range",
 ]
 
@@ -154,7 +154,8 @@ def best_value(means: Mapping[float, float | None]) -> float | None:
     return min(x for v, x in scored if v == top)
 
 
-def fraction_threshold(finals: Mapping[str, Mapping[Any, Mapping[float, float | None]]], fraction: float) -> float | None:
+def fraction_threshold(finals: Mapping[str, Mapping[Any, Mapping[float, float | None]]],
+                       fraction: float) -> float | None:
     """``fraction`` x the best mean-over-seeds final value of any arm at any grid point: the
     accuracy a grid point must reach to count as training. One threshold for the whole run, so
     every arm is held to the same bar. ``None`` when nothing has a value."""
@@ -310,3 +311,25 @@ def censor_notes(ax: AxisWidths, arm: str, base: str, grid_name: str) -> list[st
                             else f"; {other!r} reaches the same end in those seeds, so the difference is "
                                  "measured within the grid."))
     return notes
+
+
+def curve_note(rows: Iterable[dict[str, Any]], axis: str, value: Any, title: str, key: str = "test_acc") -> str:
+    """What a "curve" figure filtered to ``axis == value`` shows, in words: each arm's mean final
+    ``key`` there, and its runs that diverged (their lines stop early)."""
+    by_arm: dict[str, list[list[dict[str, Any]]]] = {}
+    for job, job_rows in group_jobs(rows).items():
+        if dict(job.point).get(axis) == value:
+            by_arm.setdefault(job.arm, []).append(job_rows)
+    if not by_arm:
+        return f"Figure \"{title}\": no run at {axis} = {fmt_value(value)} in this grid, so it is empty."
+    parts = []
+    for arm, jobs in by_arm.items():
+        stops = [rs[-1]["step"] for rs in jobs if diverged(rs)]
+        ends = [v for rs in jobs if not diverged(rs) and (v := final(rs, key)) is not None]
+        text = f"{arm!r} " + (f"ends at {sum(ends) / len(ends):.3f} (mean of {len(ends)} runs)" if ends else "")
+        if stops:
+            span = f"{min(stops)}" + (f" to {max(stops)}" if max(stops) != min(stops) else "")
+            text += ", and " if ends else ""
+            text += f"{len(stops)} of {len(jobs)} runs diverged (lines stop at step {span})"
+        parts.append(text)
+    return f"Figure \"{title}\": " + "; ".join(parts) + "."

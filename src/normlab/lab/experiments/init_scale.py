@@ -41,7 +41,7 @@ from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from ..intervals import mean_ci
 from ..verdicts import Rule
 from .base import Experiment, FigureSpec, Summary, register
-from .common import axis_widths, censor_notes, fmt_value, log_grid, mean_by_value
+from .common import axis_widths, censor_notes, curve_note, fmt_value, log_grid, mean_by_value
 
 __all__ = ["InitScale", "STANDARD_GAINS"]
 
@@ -130,6 +130,7 @@ class InitScale(Experiment):
         params = config.get("params", {})
         (rule,) = self.rules(params)
         frac = params.get("train_fraction", 0.9)
+        rows = list(rows)
         ax = axis_widths(rows, AXIS, frac, grid=config.get("grid", {}).get(AXIS) or None)
         arms = [a for a in (config.get("arms") or {}) if a in ax.finals] or ax.arms
         standard = [(g, name) for g, _, name in STANDARD_GAINS if g in ax.grid]
@@ -160,7 +161,9 @@ class InitScale(Experiment):
             finding = rule.decide(None, None, None, n=0, note="the run lacks a 'none' or 'batch' arm on the grid")
             headline = "no width to report: the run lacks a 'none' or 'batch' arm on the initial-scale grid."
         notes.extend(censor_notes(ax, "batch", "none", "initial-scale grid"))
-        notes.extend(ax.figure_note(arm, "Figure 1") for arm in arms)
+        notes.extend(ax.figure_note(arm, f"Figure \"{self.figures[0].title}\"") for arm in arms)
+        notes.extend(curve_note(rows, AXIS, dict(spec.where)[AXIS], spec.title) for spec in self.figures
+                     if spec.kind == "curve" and AXIS in dict(spec.where))
         notes.extend(n for arm in arms for n in self._edge_notes(ax, arm, config["train"]["steps"]))
         if finding.verdict in ("mixed", "not supported"):
             notes.append(
@@ -197,13 +200,16 @@ class InitScale(Experiment):
             return []
         means = ax.plotted_means(arm)
         out = []
-        for side, xs in (("small", [x for x in ax.grid if x < above[0]]), ("large", [x for x in ax.grid if x > above[-1]])):
+        below_range = [x for x in ax.grid if x < above[0]]
+        above_range = [x for x in ax.grid if x > above[-1]]
+        for side, xs in (("small", below_range), ("large", above_range)):
             vals = [means[x] for x in xs if means.get(x) is not None]
             if not vals:
                 continue
             div = sum(ax.diverged[arm].get(x, 0) for x in xs)
             n = len(xs) * len(ax.finals[arm])
-            where = f"gains {'below' if side == 'small' else 'above'} {fmt_value(above[0] if side == 'small' else above[-1])}"
+            edge = above[0] if side == "small" else above[-1]
+            where = f"gains {'below' if side == 'small' else 'above'} {fmt_value(edge)}"
             if div:
                 text = (f"{arm!r} at {where}: {div} of {n} runs diverged (loss NaN/inf)"
                         + (": without normalization the signal grows by about gain/sqrt 2 per ReLU layer until the "
