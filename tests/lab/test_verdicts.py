@@ -33,6 +33,12 @@ def test_the_four_verdicts(rule, estimate, low, high, n, verdict):
     assert finding.reason  # every verdict says why
 
 
+def test_a_ci_exactly_at_the_null_is_no_effect_not_the_opposite():
+    assert "band of no effect" in GAP.decide(0.0, 0.0, 0.0, n=3).reason
+    finding = SPEED.decide(1.0, 1.0, 1.0, n=3)
+    assert finding.verdict == "not supported" and "lies at 1.0x: no effect in the claimed direction" in finding.reason
+
+
 def test_too_few_seeds_says_why_and_never_says_not_supported():
     finding = SPEED.decide(0.5, 0.3, 0.8, n=2)
     assert finding.verdict == "inconclusive"

@@ -180,12 +180,13 @@ class Rule:
                                     f"the predicted {self._num(target)}"
                                     + (" (the estimate is a lower bound: runs that never reached the target count "
                                        "at the step budget; a longer run may reach it)" if lower_bound else ""))
-        if not self._beyond(far, self.null):
-            return finding("not supported", f"the 95% CI {self._ci(low, high)} lies wholly on the other side of "
-                                            f"{self._num(self.null)}: the opposite of the claimed effect")
         if band is not None and band[0] <= low and high <= band[1]:
             return finding("not supported", f"the 95% CI {self._ci(low, high)} lies within "
                                             f"{self._ci(*band)}, the band of no effect worth the name")
+        if not self._beyond(far, self.null):
+            at = "at" if low == high == self.null else "wholly on the other side of"
+            return finding("not supported", f"the 95% CI {self._ci(low, high)} lies {at} "
+                                            f"{self._num(self.null)}: no effect in the claimed direction")
         return finding("inconclusive", f"the 95% CI {self._ci(low, high)} contains {self._num(self.null)} "
                                        f"(no effect): more seeds may tell")
 

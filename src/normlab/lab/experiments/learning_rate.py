@@ -311,7 +311,7 @@ class LearningRateSensitivity(Experiment):
         if target is None or lr_none is None or lr_bn is None or "none" not in reach or "batch" not in reach:
             return ""
         at_none = cls._reach(jobs, "batch", lr_none, {s: None for s in seeds}, target)
-        parts = []
+        parts, speedups = [], []
         for label, bn_reach in ((f"BN at its best rate {fmt_value(lr_bn)}", reach["batch"]),
                                 (f"BN at the plain network's best rate {fmt_value(lr_none)}", at_none)):
             ratios = [reach["none"][s] / bn_reach[s] for s in seeds
@@ -319,14 +319,25 @@ class LearningRateSensitivity(Experiment):
             never_bn = sum(1 for s in seeds if bn_reach.get(s) is None)
             if ratios:
                 gm, low, high = geometric_mean_ci(ratios)
+                speedups.append((gm, low, high) if not never_bn else None)
                 parts.append(f"{label}: {gm:.2f}x [{low:.2f}, {high:.2f}] fewer steps than the plain network at "
                              f"its best rate ({len(ratios)} seeds"
                              + (f"; BN never reached it in {never_bn}" if never_bn else "") + ")")
             else:
+                speedups.append(None)
                 parts.append(f"{label}: no speed-up to report (a network never reached the target in {steps} steps)")
         never_none = sum(1 for s in seeds if reach["none"].get(s) is None)
+        share = ""
+        own, same = speedups
+        if own is not None and same is not None and own[1] > 1 and lr_bn != lr_none:
+            # In log terms, the part of BN's speed-up at its own rate that it keeps at the plain network's rate.
+            left = math.log(same[0]) / math.log(own[0])
+            share = (f" In steps, {left:.0%} of batch norm's speed-up (in log terms) is left at the plain "
+                     f"network's rate" + (": by this measure its advantage is not only the larger rate."
+                                          if same[1] > 1 else ".")
+                     if left > 0 else " In steps, none of batch norm's speed-up is left at the plain network's rate.")
         return (f"Steps to {target:.3f} test accuracy (geometric mean of none/BN over seeds, 95% CI): "
-                + "; ".join(parts) + "."
+                + "; ".join(parts) + "." + share
                 + (f" The plain network never reached the target at its best rate in {never_none} seed(s); those "
                    "seeds have no ratio." if never_none else ""))
 
