@@ -184,9 +184,11 @@ class Rule:
             return finding("not supported", f"the 95% CI {self._ci(low, high)} lies within "
                                             f"{self._ci(*band)}, the band of no effect worth the name")
         if not self._beyond(far, self.null):
-            at = "at" if low == high == self.null else "wholly on the other side of"
-            return finding("not supported", f"the 95% CI {self._ci(low, high)} lies {at} "
-                                            f"{self._num(self.null)}: no effect in the claimed direction")
+            if low == high == self.null:
+                return finding("not supported", f"the 95% CI {self._ci(low, high)} lies at {self._num(self.null)}: "
+                                                f"no effect in the claimed direction")
+            return finding("not supported", f"the 95% CI {self._ci(low, high)} lies wholly on the other side of "
+                                            f"{self._num(self.null)}: the opposite of the claimed effect")
         return finding("inconclusive", f"the 95% CI {self._ci(low, high)} contains {self._num(self.null)} "
                                        f"(no effect): more seeds may tell")
 
