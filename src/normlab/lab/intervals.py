@@ -48,7 +48,7 @@ def mean_ci(values: Sequence[float], bounds: tuple[float, float] | None = None) 
         half = _t(n - 1) * sd / math.sqrt(n)
         low, high = mean - half, mean + half
     if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
+        low, high = float(max(low, bounds[0])), float(min(high, bounds[1]))
     return mean, low, high
 
 
