@@ -315,7 +315,7 @@ th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:t
 tr.untested td{color:#888}
 .exp{display:flex;gap:1.2rem;align-items:flex-start;flex-wrap:wrap;margin:1rem 0;border-top:1px solid #eee;padding-top:.8rem}
 .exp>div{flex:1 1 380px}.exp img{max-width:520px;width:100%;border:1px solid #eee}
-.reason{font-size:.85rem;color:#444}
+.reason{font-size:.85rem;color:#444}ul.parts{margin:0;padding-left:1.1rem}
 """.strip()
 
 
@@ -351,9 +351,10 @@ def _index_html(folder: Path, options: SuiteOptions, entries: list[_Entry], clai
            "<th>verdict</th><th>published</th></tr></thead>", "<tbody>"]
     for c in claims:
         exps = ", ".join(f'<a href="{_h(n)}/report.html">{_h(n)}</a>' if n in done else _h(n) for n in c.experiments) or "-"
-        if c.finding:
-            measured = f"{_h(c.finding.statistic)}: <strong>{_h(c.finding.text)}</strong>" if len(c.finding.text) < 60 \
-                else _h(c.finding.text)
+        if c.finding and "; " in c.finding.text:  # several parts: one line each, the reasons are below
+            measured = "<ul class=\"parts\">" + "".join(f"<li>{_h(part)}</li>" for part in c.finding.text.split("; ")) + "</ul>"
+        elif c.finding:
+            measured = f"{_h(c.finding.statistic)}: <strong>{_h(c.finding.text)}</strong>"
             measured += f'<div class="reason">{_h(c.finding.reason)}</div>'
         else:
             measured = "unfinished" if c.status == "pending" else "no experiment yet"
@@ -373,6 +374,8 @@ def _index_html(folder: Path, options: SuiteOptions, entries: list[_Entry], clai
         out.append(f"<p>{_badge(s.verdict)} <em>{_h(met)}</em>. {_h(s.headline)}</p>")
         out += ["<ul>", *(f"<li>{_h(f.claim)} {_badge(f.verdict)} {_h(f.statistic)}: <strong>{_h(f.text)}</strong>"
                           f'<div class="reason">{_h(f.reason)}</div></li>' for f in s.findings), "</ul>"]
+        if s.notes:
+            out += ["<details><summary>Notes</summary><ul>", *(f"<li>{_h(n)}</li>" for n in s.notes), "</ul></details>"]
         out += ["</div>", f"<div>{_first_figure(folder / e.name)}</div>", "</div>"]
     out += ["</section>", f"<p>Rebuild this index and every report from the metrics: <code>normlab report {_h(folder)}</code></p>",
             "</main>", "</body>", "</html>", ""]

@@ -64,6 +64,7 @@ class Finding:
         published: the published figure to print beside ours.
         text: the estimate and CI formatted for the index (e.g. ``"5.5x [3.2, 9.6]"``).
         lower_bound: the estimate is a lower bound (e.g. counted runs that never reached the target).
+        label: a short name for the statistic (e.g. "tanh, at init"), used where findings are listed.
     """
 
     claim: str
@@ -79,6 +80,7 @@ class Finding:
     published: str = ""
     text: str = ""
     lower_bound: bool = False
+    label: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -107,6 +109,7 @@ class Rule:
         log: the statistic is a ratio (printed as ``2.5x``).
         unit, digits: how the index prints it.
         published: the published figure, for the index.
+        label: a short name for the statistic where findings are listed (default: ``statistic``).
     """
 
     claim: str
@@ -121,6 +124,7 @@ class Rule:
     unit: str = ""
     digits: int = 3
     published: str = ""
+    label: str = ""
 
     def __post_init__(self) -> None:
         if self.direction not in ("greater", "less", "equivalent"):
@@ -158,7 +162,7 @@ class Rule:
         def finding(verdict: str, reason: str) -> Finding:
             return Finding(self.claim, self.statistic, estimate, low, high, n, verdict, self.expected,
                            verdict == "supported", reason + (f"; {note}" if note else ""), self.published, text,
-                           lower_bound)
+                           lower_bound, self.label)
 
         if estimate is None or low is None or high is None or any(map(math.isnan, (estimate, low, high))):
             return finding("inconclusive", "nothing could be measured (no job produced the statistic)")
@@ -247,8 +251,9 @@ def combine(claim: str, findings: Sequence[Finding], *, statistic: str = "", exp
         verdict = "mixed"
     else:
         verdict = "inconclusive"
-    reason = "; ".join(f"{f.statistic}: {f.verdict} ({f.reason})" for f in findings)
-    text = "; ".join(f"{f.statistic}: {f.text}" for f in findings)
+    reason = "; ".join(f"{f.label or f.statistic}: {f.verdict} ({f.reason})" for f in findings)
+    text = "; ".join(f"{f.label or f.statistic}: {f.text} ({f.verdict})" for f in findings)
     return Finding(claim, statistic or " / ".join(f.statistic for f in findings), None, None, None,
                    min(f.n for f in findings), verdict, expected or findings[0].expected, verdict == "supported",
-                   reason, published or findings[0].published, text, any(f.lower_bound for f in findings))
+                   reason, published or findings[0].published, text, any(f.lower_bound for f in findings),
+                   " / ".join(f.label or f.statistic for f in findings))

@@ -123,7 +123,7 @@ class InitScale(Experiment):
                  expected=f"batch norm trains over a range of initial scales at least {gain:g} decade(s) wider "
                           f"(95% CI above 0)",
                  null=0.0, direction="greater", target=gain, equivalence=params.get("width_band", 0.25),
-                 unit=" decades", digits=2),
+                 unit=" decades", digits=2, label="range of scales that trains, BN - none"),
         )
 
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:

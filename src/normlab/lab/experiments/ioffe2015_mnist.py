@@ -122,10 +122,10 @@ class IoffeMnist(Experiment):
             Rule("C1", f"speed-up to {target:.0%} test accuracy (steps without BN / steps with BN, geometric mean)",
                  expected=f"batch norm reaches {target:.0%} test accuracy in at least {min_speedup:g}x fewer steps "
                           f"than no norm (95% CI above 1x)",
-                 null=1.0, target=min_speedup, log=True, published="about 14x fewer steps (BN-Inception, ImageNet)"),
+                 null=1.0, target=min_speedup, log=True, published="about 14x fewer steps (BN-Inception, ImageNet)", label="speed-up"),
             Rule("C3", "sigmoid-input drift without BN / with BN (geometric mean)",
                  expected="the median of a sigmoid's input drifts less with batch norm (ratio above 1x)",
-                 null=1.0, log=True, published="Fig. 1b,c: steady with BN, drifting without"),
+                 null=1.0, log=True, published="Fig. 1b,c: steady with BN, drifting without", label="drift none / BN"),
         )
 
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:

@@ -128,13 +128,15 @@ class LearningRateSensitivity(Experiment):
                           f"(BN trains at 5x the rates; 95% CI above 0)",
                  null=0.0, direction="greater", target=gain, equivalence=params.get("width_band", 0.25),
                  unit=" decades", digits=2,
-                 published="Ioffe & Szegedy 2015: BN-Inception trained at 5x and 30x the base rate"),
+                 published="Ioffe & Szegedy 2015: BN-Inception trained at 5x and 30x the base rate",
+                 label="range of rates that trains, BN - none"),
             Rule("C5", "Bjorck et al. 2018: BN's final-accuracy advantage at the plain network's best learning rate "
                        "(batch minus none)",
                  expected=f"Bjorck et al. 2018: at the plain network's best rate the two reach comparable accuracy "
                           f"(95% CI within +-{band * 100:g} points)",
                  null=0.0, direction="equivalent", equivalence=band, digits=3,
-                 published="Bjorck et al. 2018, Fig. 1: comparable accuracy at a rate both can use"),
+                 published="Bjorck et al. 2018, Fig. 1: comparable accuracy at a rate both can use",
+                 label="Bjorck: BN's advantage at the plain best rate"),
         )
 
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:

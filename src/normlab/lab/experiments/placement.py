@@ -100,7 +100,7 @@ class Placement(Experiment):
                       expected=f"BN after the activation ends within +-{band:g} points of BN before it "
                                f"(95% CI of the difference inside the band)",
                       null=0.0, direction="equivalent", equivalence=band, unit=" pts", digits=2,
-                      published="no published number")
+                      published="no published number", label=f"after - before, {act}")
             for act in activations
         }
 

@@ -198,14 +198,16 @@ class Stability(Experiment):
             Rule("C2", "loss-curve variation none / BN (relative step-to-step SD of the training loss, 2nd half; "
                        "geometric mean over rates and seeds)",
                  expected="the training loss jitters less from step to step with batch norm (ratio above 1x)",
-                 null=1.0, log=True, equivalence=params.get("variation_equivalence", 0.1), published=published),
+                 null=1.0, log=True, equivalence=params.get("variation_equivalence", 0.1), published=published,
+                 label="loss jitter none / BN"),
             Rule("C2", "across-seed SD of final test accuracy none / BN (pooled over rates; F interval)",
                  expected="final accuracy varies less across seeds with batch norm (ratio above 1x)",
-                 null=1.0, log=True, equivalence=params.get("spread_equivalence", 0.25), published=published),
+                 null=1.0, log=True, equivalence=params.get("spread_equivalence", 0.25), published=published,
+                 label="accuracy spread none / BN"),
             Rule("C2", "share of discordant (seed, rate) pairs in which only the network without BN diverged "
                        "(exact McNemar; Clopper-Pearson interval)",
                  expected="when only one arm diverges, it is the one without batch norm (share above 0.5)",
-                 null=0.5, digits=2, published=published),
+                 null=0.5, digits=2, published=published, label="share of lone divergences without BN"),
         )
 
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:

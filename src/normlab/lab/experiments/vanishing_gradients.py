@@ -150,7 +150,8 @@ class VanishingGradients(Experiment):
                       f"mean over seeds",
                 expected=f"with batch norm the first hidden layer's gradient, relative to the last's, is at least "
                          f"{min_easing:g}x larger than without (95% CI above 1x)",
-                null=0.0, target=math.log10(min_easing), unit=" decades", digits=1, published="no published number")
+                null=0.0, target=math.log10(min_easing), unit=" decades", digits=1, published="no published number",
+                label=f"{act}, {MOMENT_WORDS[moment]}")
             for act in activations for moment in MOMENTS
         }
 
