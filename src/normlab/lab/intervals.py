@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["T_975", "mean_ci", "geometric_mean_ci"]
+__all__ = ["T_975", "clopper_pearson", "geometric_mean_ci", "mean_ci", "sd_ratio_ci"]
 
 # Two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1..30.
 T_975 = (
@@ -58,3 +58,27 @@ def geometric_mean_ci(ratios: Sequence[float]) -> tuple[float, float, float]:
         raise ValueError(f"geometric_mean_ci needs positive ratios, got {list(ratios)}.")
     mean, low, high = mean_ci([math.log(r) for r in ratios])
     return math.exp(mean), math.exp(low), math.exp(high)
+
+
+def sd_ratio_ci(sd_a: float, df_a: int, sd_b: float, df_b: int) -> tuple[float, float, float]:
+    """``(sd_a / sd_b, low, high)``: the 95% interval for a ratio of standard deviations from the
+    F distribution of a ratio of sample variances (normal, independent samples)."""
+    from scipy.stats import f  # scipy comes with scikit-learn (the lab extra)
+
+    ratio = (sd_a / sd_b) ** 2
+    return math.sqrt(ratio), math.sqrt(ratio / f.ppf(0.975, df_a, df_b)), math.sqrt(ratio / f.ppf(0.025, df_a, df_b))
+
+
+def clopper_pearson(k: int, n: int) -> tuple[float, float, float]:
+    """``(k / n, low, high)``: the exact two-sided 95% binomial interval.
+
+    >>> [round(v, 3) for v in clopper_pearson(3, 3)]
+    [1.0, 0.292, 1.0]
+    """
+    from scipy.stats import beta
+
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n > 0, got k={k}, n={n}.")
+    low = 0.0 if k == 0 else float(beta.ppf(0.025, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k))
+    return k / n, low, high

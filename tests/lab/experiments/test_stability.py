@@ -10,7 +10,8 @@ import pytest
 
 from normlab.lab.config import apply_overrides, config_to_dict
 from normlab.lab.experiments import all_experiments
-from normlab.lab.experiments.stability import accuracy_spread, clopper_pearson, loss_variation, sd_ratio_ci
+from normlab.lab.experiments.stability import accuracy_spread, loss_variation
+from normlab.lab.intervals import clopper_pearson, sd_ratio_ci
 from normlab.lab.report import write_report
 from normlab.lab.trainer import Trainer
 

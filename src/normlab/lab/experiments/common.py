@@ -34,7 +34,7 @@ from ..rows import JobId, diverged, final, group_jobs
 __all__ = [
     "AxisWidths", "TrainableRange", "axis_finals", "axis_widths", "best_value", "cell_widths", "censor_notes",
     "curve_note", "fraction_threshold",
-    "fmt_value", "job_of", "log_grid", "mean_by_value", "trainable_range",
+    "fmt_value", "grid_values", "job_of", "job_rows", "log_grid", "mean_by_value", "trainable_range",
 ]
 
 
@@ -161,6 +161,25 @@ def fraction_threshold(finals: Mapping[str, Mapping[Any, Mapping[float, float | 
     every arm is held to the same bar. ``None`` when nothing has a value."""
     tops = [v for per_seed in finals.values() for v in mean_by_value(per_seed).values() if v is not None]
     return fraction * max(tops) if tops else None
+
+
+def grid_values(config: Mapping[str, Any], jobs: Iterable[JobId], axis: str) -> list[Any]:
+    """The values of a grid axis in the config's order; without that axis in the grid, the values
+    the jobs ran at, else the config's own setting (``config`` is a run's ``config.json``)."""
+    declared = list(config.get("grid", {}).get(axis, []))
+    if declared:
+        return declared
+    section, name = axis.split(".", 1)
+    return sorted({dict(j.point).get(axis, config.get(section, {}).get(name)) for j in jobs}, key=str)
+
+
+def job_rows(jobs: Mapping[JobId, list[dict[str, Any]]], config: Mapping[str, Any], arm: str, seed: Any,
+             **values: Any) -> list[dict[str, Any]]:
+    """One job's rows by arm, seed and grid values (``model__activation="relu"`` for the axis
+    ``model.activation``); ``[]`` when that job has no rows. Axes not in the grid are ignored."""
+    grid = config.get("grid", {})
+    point = tuple((axis, values[axis.replace(".", "__")]) for axis in grid if axis.replace(".", "__") in values)
+    return jobs.get(JobId(arm, point, seed), [])
 
 
 def job_of(arm: str, axis: str, value: Any, seed: Any) -> JobId:

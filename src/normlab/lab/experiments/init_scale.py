@@ -34,6 +34,8 @@ standard gains (21 points), 5 seeds, 2000 steps, evaluated every 100.
 
 from __future__ import annotations
 
+from statistics import fmean
+
 import math
 from typing import Any
 
@@ -59,10 +61,6 @@ STANDARD_GAINS = (
 def _grid(low_exp: float, high_exp: float, per_decade: int) -> list[float]:
     """A log grid with the standard gains added (each value once, sorted)."""
     return sorted(set(log_grid(low_exp, high_exp, per_decade)) | {g for g, _, _ in STANDARD_GAINS})
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 class InitScale(Experiment):
@@ -154,8 +152,8 @@ class InitScale(Experiment):
         if diffs:
             finding = rule.decide(*mean_ci(diffs), n=len(diffs), lower_bound=ax.lower_bound("batch", "none"))
             table.append(["batch - none (width)", "", finding.text] + [""] * (len(standard) + 1))
-            headline = (f"batch norm trained from initial scales spanning {_mean(ax.widths('batch')):.2f} decades, "
-                        f"no norm {_mean(ax.widths('none')):.2f}: {finding.text} wider (mean over {len(diffs)} "
+            headline = (f"batch norm trained from initial scales spanning {fmean(ax.widths('batch')):.2f} decades, "
+                        f"no norm {fmean(ax.widths('none')):.2f}: {finding.text} wider (mean over {len(diffs)} "
                         f"seeds, 95% CI).")
         else:
             finding = rule.decide(None, None, None, n=0, note="the run lacks a 'none' or 'batch' arm on the grid")

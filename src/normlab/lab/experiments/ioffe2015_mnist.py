@@ -20,6 +20,7 @@ from typing import Any
 from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
 from ..intervals import geometric_mean_ci, mean_ci
 from ..probes import percentile_probe
+from ..rows import steps_to
 from ..verdicts import Rule
 from .base import Experiment, FigureSpec, Probe, Summary, register
 
@@ -38,10 +39,7 @@ PUBLISHED = [
 
 def _steps_to_target(rows: list[dict[str, Any]], target: float) -> int | None:
     """The first evaluated step whose test accuracy reaches ``target`` (None if none did)."""
-    for row in sorted(rows, key=lambda r: r["step"]):
-        if row["test_acc"] >= target:
-            return row["step"]
-    return None
+    return steps_to(sorted(rows, key=lambda r: r["step"]), "test_acc", target)
 
 
 def _speedups(reach: dict[str, dict[int, int | None]], seeds: list[int], steps: int) -> list[float]:

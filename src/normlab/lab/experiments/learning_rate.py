@@ -35,6 +35,8 @@ Quick form: 9 rates 0.001 .. 10 (half-decade steps), 3 seeds, 400 steps. Full fo
 
 from __future__ import annotations
 
+from statistics import fmean
+
 import math
 from typing import Any
 
@@ -57,10 +59,6 @@ PUBLISHED = [
     "unnormalized network can use, both networks reach comparable test accuracy; larger rates give BN higher "
     "accuracy and make the unnormalized network diverge. BN's benefit is the larger rates it allows.",
 ]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 class LearningRateSensitivity(Experiment):
@@ -167,7 +165,7 @@ class LearningRateSensitivity(Experiment):
                 "{:.2f} [{:.2f}, {:.2f}]".format(*mean_ci(widths)) if widths else "n/a",
                 fmt_value(lr) if lr is not None else "n/a",
                 "{:.4f} [{:.4f}, {:.4f}]".format(*mean_ci(accs, bounds=(0.0, 1.0))) if accs else "n/a",
-                (f"{_mean(reached):.0f} ({len(reached)}/{len(reach[arm])} seeds)" if reached
+                (f"{fmean(reached):.0f} ({len(reached)}/{len(reach[arm])} seeds)" if reached
                  else f"never (>{steps})") if reach[arm] else "n/a",
                 f"{n_div}/{len(ax.grid) * len(ax.finals[arm])}",
             ])
@@ -197,13 +195,13 @@ class LearningRateSensitivity(Experiment):
             bjorck = bjorck_rule.decide(*mean_ci(same), n=len(same))
             o_mean, o_low, o_high = mean_ci(own)
             # A share of the advantage is read only when BN has one at its own best rate (CI above 0).
-            share = _mean(same) / o_mean if o_low > 0 else None
+            share = fmean(same) / o_mean if o_low > 0 else None
             table.append([f"BN advantage at lr {fmt_value(lr_none)} (none's best)", "", "", "", bjorck.text, "", ""])
             table.append([f"BN advantage at lr {fmt_value(lr_bn)} (BN's best)", "", "", "",
                           f"{o_mean:.3f} [{o_low:.3f}, {o_high:.3f}]", "", ""])
             notes.append(
                 f"Bjorck et al. 2018: at the plain network's best rate ({fmt_value(lr_none)}) batch norm's final "
-                f"accuracy differs from the plain network's by {_mean(same) * 100:+.1f} points; at its own best rate "
+                f"accuracy differs from the plain network's by {fmean(same) * 100:+.1f} points; at its own best rate "
                 f"({fmt_value(lr_bn)}) by {o_mean * 100:+.1f} points"
                 + (f", so {share:.0%} of its advantage is left at the plain network's rate." if share is not None
                    else f": the advantage at its own best rate is not distinguishable from none (95% CI "
@@ -225,12 +223,12 @@ class LearningRateSensitivity(Experiment):
                             f"({frac:.0%} of the best mean final accuracy, {ax.best_mean:.3f}); the steps-to-target "
                             f"target is {target:.3f} ({target_frac:.0%} of it).")
         if diffs:
-            headline = (f"batch norm trained over {_mean(ax.widths('batch')):.2f} decades of learning rate, no norm "
-                        f"over {_mean(ax.widths('none')):.2f}: {width.text} wider (mean over {len(diffs)} seeds, "
+            headline = (f"batch norm trained over {fmean(ax.widths('batch')):.2f} decades of learning rate, no norm "
+                        f"over {fmean(ax.widths('none')):.2f}: {width.text} wider (mean over {len(diffs)} seeds, "
                         f"95% CI)")
             if same:
                 headline += (f"; Bjorck et al. 2018: at the plain network's best rate ({fmt_value(lr_none)}) BN's "
-                             f"accuracy advantage is {bjorck.text} vs {_mean(own):.3f} at its own best "
+                             f"accuracy advantage is {bjorck.text} vs {fmean(own):.3f} at its own best "
                              f"({fmt_value(lr_bn)})")
             headline += "."
         else:

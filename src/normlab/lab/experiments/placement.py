@@ -33,9 +33,10 @@ from typing import Any
 
 from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
 from ..intervals import geometric_mean_ci, mean_ci
-from ..rows import JobId, diverged, final, group_jobs, steps_to
+from ..rows import diverged, final, group_jobs, steps_to
 from ..verdicts import Finding, Rule, combine
 from .base import Experiment, FigureSpec, Summary, register
+from .common import grid_values, job_rows
 
 __all__ = ["Placement"]
 
@@ -111,14 +112,12 @@ class Placement(Experiment):
         steps = config["train"]["steps"]
         jobs = group_jobs(rows)
         arms = list(config.get("arms", {})) or sorted({j.arm for j in jobs})
-        activations = list(config.get("grid", {}).get("model.activation", [])) or \
-            sorted({dict(j.point).get("model.activation", config["model"]["activation"]) for j in jobs})
+        activations = grid_values(config, jobs, "model.activation")
         seeds = sorted({j.seed for j in jobs})
         rules = self.rules(params, activations)
 
         def job_of(arm: str, act: str, seed: int) -> list[dict[str, Any]]:
-            point = (("model.activation", act),) if config.get("grid") else ()
-            return jobs.get(JobId(arm, point, seed), [])
+            return job_rows(jobs, config, arm, seed, model__activation=act)
 
         table: list[list[str]] = []
         notes: list[str] = []

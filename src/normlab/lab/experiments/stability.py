@@ -57,12 +57,12 @@ import math
 from typing import Any
 
 from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
-from ..intervals import geometric_mean_ci, mean_ci
+from ..intervals import clopper_pearson, geometric_mean_ci, mean_ci, sd_ratio_ci
 from ..rows import JobId, diverged, final, group_jobs, value
 from ..verdicts import Finding, Rule
 from .base import Experiment, FigureSpec, Summary, register
 
-__all__ = ["Stability", "accuracy_spread", "clopper_pearson", "loss_variation", "sd_ratio_ci"]
+__all__ = ["Stability", "accuracy_spread", "loss_variation"]
 
 AXIS = "train.lr"
 ARMS = ("none", "batch")  # the ratio is always none / batch
@@ -119,30 +119,6 @@ def accuracy_spread(groups: list[list[float]]) -> tuple[float, int]:
         squares += sum((v - mean) ** 2 for v in group)
         df += len(group) - 1
     return (math.sqrt(squares / df) if df else math.nan), df
-
-
-def sd_ratio_ci(sd_a: float, df_a: int, sd_b: float, df_b: int) -> tuple[float, float, float]:
-    """``(sd_a / sd_b, low, high)``: the 95% interval for a ratio of standard deviations from the
-    F distribution of a ratio of sample variances (normal, independent samples)."""
-    from scipy.stats import f  # scipy comes with scikit-learn (the lab extra)
-
-    ratio = (sd_a / sd_b) ** 2
-    return math.sqrt(ratio), math.sqrt(ratio / f.ppf(0.975, df_a, df_b)), math.sqrt(ratio / f.ppf(0.025, df_a, df_b))
-
-
-def clopper_pearson(k: int, n: int) -> tuple[float, float, float]:
-    """``(k / n, low, high)``: the exact two-sided 95% binomial interval.
-
-    >>> [round(v, 3) for v in clopper_pearson(3, 3)]
-    [1.0, 0.292, 1.0]
-    """
-    from scipy.stats import beta
-
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n > 0, got k={k}, n={n}.")
-    low = 0.0 if k == 0 else float(beta.ppf(0.025, k, n - k + 1))
-    high = 1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k))
-    return k / n, low, high
 
 
 def _fmt_rate(rate: Any) -> str:
