@@ -189,7 +189,10 @@ def _cmd_reproduce(args) -> int:
     stem = f"suite{'-quick' if args.quick else ''}"
     out = Path(args.out) if args.out else _latest(stem) if args.resume else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    def say(line: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
     try:
         summaries = run_suite(out, options, jobs=_jobs(args), resume=args.resume, progress=not args.no_progress, say=say)
     except Interrupted as stop:
