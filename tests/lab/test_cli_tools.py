@@ -6,7 +6,7 @@ import torch
 
 from normlab.cli import main
 
-from .test_trainer import EXPERIMENT, small_config
+from .small import EXPERIMENT, small_config
 from normlab.lab.trainer import Trainer
 
 

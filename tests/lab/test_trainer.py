@@ -11,21 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from normlab.lab.config import ConfigError, apply_overrides
-from normlab.lab.experiments import all_experiments
+from normlab.lab.config import ConfigError
 from normlab.lab.runfiles import read_jsonl
 from normlab.lab import trainer as trainer_module
 from normlab.lab.trainer import BatchSampler, Interrupted, Trainer
 
-EXPERIMENT = all_experiments()["ioffe2015-mnist"]
-SMALL = {
-    "data.name": "synthetic", "model.widths": [16, 16], "train.steps": 40, "train.seeds": 2,
-    "train.eval_every": 5, "train.checkpoint_every": 10, "train.device": "cpu",
-}
-
-
-def small_config(**extra):
-    return apply_overrides(EXPERIMENT.quick_config(), {**SMALL, **extra}, parse=False)
+from .small import EXPERIMENT, SMALL, small_config
 
 
 def comparable(rows):

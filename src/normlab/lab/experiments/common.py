@@ -34,7 +34,7 @@ from ..rows import JobId, diverged, final, group_jobs
 __all__ = [
     "AxisWidths", "TrainableRange", "axis_finals", "axis_widths", "best_value", "cell_widths", "censor_notes",
     "curve_note", "fraction_threshold",
-    "fmt_value", "grid_values", "job_of", "job_rows", "log_grid", "mean_by_value", "trainable_range",
+    "fmt_value", "grid_inputs", "grid_values", "job_of", "job_rows", "log_grid", "mean_by_value", "trainable_range",
 ]
 
 
@@ -171,6 +171,14 @@ def grid_values(config: Mapping[str, Any], jobs: Iterable[JobId], axis: str) -> 
         return declared
     section, name = axis.split(".", 1)
     return sorted({dict(j.point).get(axis, config.get(section, {}).get(name)) for j in jobs}, key=str)
+
+
+def grid_inputs(rows: Iterable[dict[str, Any]], config: Mapping[str, Any], axis: str
+                ) -> tuple[dict[JobId, list[dict[str, Any]]], list[str], list[Any], list[Any]]:
+    """``(jobs, arms, axis values, seeds)`` of a run on a grid: what a summary starts from."""
+    jobs = group_jobs(rows)
+    arms = list(config.get("arms", {})) or sorted({j.arm for j in jobs})
+    return jobs, arms, grid_values(config, jobs, axis), sorted({j.seed for j in jobs})
 
 
 def job_rows(jobs: Mapping[JobId, list[dict[str, Any]]], config: Mapping[str, Any], arm: str, seed: Any,

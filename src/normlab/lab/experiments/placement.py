@@ -33,10 +33,10 @@ from typing import Any
 
 from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
 from ..intervals import geometric_mean_ci, mean_ci
-from ..rows import diverged, final, group_jobs, steps_to
+from ..rows import diverged, final, steps_to
 from ..verdicts import Finding, Rule, combine
 from .base import Experiment, FigureSpec, Summary, register
-from .common import grid_values, job_rows
+from .common import grid_inputs, job_rows
 
 __all__ = ["Placement"]
 
@@ -110,10 +110,7 @@ class Placement(Experiment):
         target = params.get("target_accuracy", 0.85)
         band = params.get("equivalence_points", 1.0)
         steps = config["train"]["steps"]
-        jobs = group_jobs(rows)
-        arms = list(config.get("arms", {})) or sorted({j.arm for j in jobs})
-        activations = grid_values(config, jobs, "model.activation")
-        seeds = sorted({j.seed for j in jobs})
+        jobs, arms, activations, seeds = grid_inputs(rows, config, "model.activation")
         rules = self.rules(params, activations)
 
         def job_of(arm: str, act: str, seed: int) -> list[dict[str, Any]]:

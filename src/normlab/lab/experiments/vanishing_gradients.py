@@ -36,10 +36,10 @@ from typing import Any
 from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
 from ..intervals import mean_ci
 from ..probes import grad_norm_probe
-from ..rows import diverged, final, group_jobs, value
+from ..rows import diverged, final, value
 from ..verdicts import Finding, Rule, combine
 from .base import Experiment, FigureSpec, Probe, Summary, register
-from .common import grid_values, job_rows
+from .common import grid_inputs, job_rows
 
 __all__ = ["VanishingGradients"]
 
@@ -161,10 +161,7 @@ class VanishingGradients(Experiment):
         min_easing = params.get("min_easing", 10.0)
         depth = len(config["model"]["widths"])
         steps = config["train"]["steps"]
-        jobs = group_jobs(rows)
-        arms = list(config.get("arms", {})) or sorted({j.arm for j in jobs})
-        activations = grid_values(config, jobs, "model.activation")
-        seeds = sorted({j.seed for j in jobs})
+        jobs, arms, activations, seeds = grid_inputs(rows, config, "model.activation")
         rules = self.rules(params, activations)
 
         def job_of(arm: str, act: str, seed: int) -> list[dict[str, Any]]:
