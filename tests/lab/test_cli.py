@@ -80,3 +80,17 @@ def test_check_exits_1_when_the_outcome_is_missed(tmp_path):
     done = run_cli("run", "ioffe2015-mnist", "--quick", "--check", "--no-progress", "--steps", "20",
                    "--seeds", "1", "--set", "train.eval_every=10", "--out", str(tmp_path / "run"))
     assert done.returncode == 1 and "expected outcome missed" in done.stderr
+
+
+def test_a_toml_grid_table_sets_the_grid(tmp_path, capsys):
+    toml = tmp_path / "grid.toml"
+    toml.write_text('[grid]\n"train.lr" = [0.1, 1.0]\n\n[train]\neval_every = 5\n')
+    out = tmp_path / "run"
+    code = main(["run", "ioffe2015-mnist", "--quick", "--no-progress", "--config", str(toml), "--steps", "5",
+                 "--seeds", "1", "--data", "synthetic", "--jobs", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["grid"] == {"train.lr": [0.1, 1.0]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["arm"], r["point"]["train.lr"]) for r in rows} == {(a, lr) for a in ("none", "batch") for lr in (0.1, 1.0)}
+    assert "2 arms x 2 grid points x 1 seeds" in capsys.readouterr().err
