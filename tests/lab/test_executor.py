@@ -132,12 +132,13 @@ def test_ctrl_c_stops_every_worker_and_resume_redoes_no_finished_job(tmp_path, i
     proc = subprocess.Popen(_cli(run, "--jobs", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     _wait_for("jobs/*.jsonl", run, proc, 1)
+    workers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before Ctrl-C")
     assert proc.returncode == 130 and "--resume" in err, err
-    assert not _children(proc.pid)
+    assert workers and not [p for p in workers if Path(f"/proc/{p}").exists()]  # every worker has exited
     finished = {p.name: p.read_text() for p in (run / "jobs").iterdir()}
     resumed = subprocess.run(_cli(run, "--jobs", "2", "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
