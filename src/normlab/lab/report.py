@@ -244,21 +244,29 @@ def _finish(ax, spec: FigureSpec, drawn: bool, xlabel: str, what: str, first: bo
         _no_data(ax, f"no values of {what} in the metrics")
 
 
-def _plot_curve(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) -> Figure:
+def _plot_lines(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str], points, xlabel: str,
+                what: str) -> Figure:
+    """One panel per ``spec.panel`` value, one line per series: ``points(series_rows, arm)`` gives
+    the x values and, per x, the values over seeds (mean drawn, min..max as a band)."""
     panels = _panels(spec, rows)
     fig, axes = _subplots(spec, len(panels))
     for i, (ax, (title, panel_rows)) in enumerate(zip(axes, panels)):
         series = _series(panel_rows, arms, [spec.panel])
         drawn = False
         for (label, arm, series_rows), (colour, style) in zip(series, _styles(series, arms)):
-            steps, values = _by_step(series_rows, arm, spec.metric)
-            if steps:
-                _band(ax, steps, values, colour, style, label)
+            xs, values = points(series_rows, arm)
+            if xs:
+                _band(ax, xs, values, colour, style, label)
                 drawn = True
         if title:
             ax.set_title(title, fontsize="medium")
-        _finish(ax, spec, drawn, "step", repr(spec.metric), i == 0)
+        _finish(ax, spec, drawn, xlabel, what, i == 0)
     return fig
+
+
+def _plot_curve(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) -> Figure:
+    return _plot_lines(spec, rows, arms, lambda series_rows, arm: _by_step(series_rows, arm, spec.metric),
+                       "step", repr(spec.metric))
 
 
 def _job_values(job_rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -329,24 +337,15 @@ def _profile_of(job_rows: list[dict[str, Any]], probe: str, which: str) -> dict[
 
 
 def _plot_profile(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) -> Figure:
-    panels = _panels(spec, rows)
-    fig, axes = _subplots(spec, len(panels))
-    for i, (ax, (title, panel_rows)) in enumerate(zip(axes, panels)):
-        series = _series(panel_rows, arms, [spec.panel])
-        drawn = False
-        for (label, arm, series_rows), (colour, style) in zip(series, _styles(series, arms)):
-            per_depth: dict[int, list[float]] = {}
-            for job_rows in group_jobs(series_rows).values():
-                for depth, v in _profile_of(job_rows, spec.probe, spec.reduce).items():
-                    per_depth.setdefault(depth, []).append(v)
-            depths = sorted(per_depth)
-            if depths:
-                _band(ax, depths, [per_depth[d] for d in depths], colour, style, label)
-                drawn = True
-        if title:
-            ax.set_title(title, fontsize="medium")
-        _finish(ax, spec, drawn, "layer (1 = first)", f"'{spec.probe}_1', '{spec.probe}_2', ...", i == 0)
-    return fig
+    def points(series_rows, arm):
+        per_depth: dict[int, list[float]] = {}
+        for job_rows in group_jobs(series_rows).values():
+            for depth, v in _profile_of(job_rows, spec.probe, spec.reduce).items():
+                per_depth.setdefault(depth, []).append(v)
+        depths = sorted(per_depth)
+        return depths, [per_depth[d] for d in depths]
+
+    return _plot_lines(spec, rows, arms, points, "layer (1 = first)", f"'{spec.probe}_1', '{spec.probe}_2', ...")
 
 
 def _plot_percentiles(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) -> Figure:
