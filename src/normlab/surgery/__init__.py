@@ -10,7 +10,7 @@ modules go through one walker, :func:`replace_modules`.
 ['Conv2d', 'Identity', 'ReLU']
 """
 
-from .convert import batchnorm_from_flax, batchnorm_from_keras, convert_norm, freeze_bn, unfreeze_bn
+from .convert import convert_norm, freeze_bn, unfreeze_bn
 from .diagnose import (
     ActivationPercentiles,
     GradNorms,
@@ -22,6 +22,7 @@ from .diagnose import (
     stats_problems,
     train_eval_gap,
 )
+from .importers import batchnorm_from_flax, batchnorm_from_keras
 from .fold import FoldedPair, FoldReport, FoldResult, SkippedNorm, fold_batchnorm, fold_weights, is_batchnorm
 from .recalibrate import recalibrate_bn
 from .sync import convert_sync_batchnorm
