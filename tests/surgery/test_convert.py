@@ -152,16 +152,18 @@ def test_freeze_errors():
         unfreeze_bn(model, momentum=5.0)
 
 
-def test_freeze_bn_leaves_a_fused_activation_alone():
+def test_freeze_bn_keeps_a_fused_activation():
     """Regression: freezing BatchNormAct into an affine map dropped its activation."""
     import normlab
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), normlab.BatchNormAct2d(4, act="relu")).eval()
+    net = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), normlab.BatchNormAct2d(4, act="relu"))).eval()
     x = torch.randn(2, 3, 6, 6)
     frozen = freeze_bn(net)
-    assert isinstance(frozen[1], normlab.BatchNormAct2d)
-    torch.testing.assert_close(frozen(x), net(x))
+    assert isinstance(frozen[1], normlab.FrozenBatchNormAct2d) and type(frozen[1].act) is nn.ReLU
+    expected = torch.relu(nn.functional.batch_norm(net[0](x), net[1].running_mean, net[1].running_var,
+                                                   net[1].weight, net[1].bias, False, 0.0, net[1].eps))
+    torch.testing.assert_close(frozen(x), expected)
 
 
 def test_convert_sync_batchnorm_skips_norms_without_a_synchronized_version():

@@ -24,10 +24,10 @@ def assert_every_norm_explained(model: nn.Module, report) -> None:
     assert all(s.reason for s in report.skipped)
 
 
-def check_fold(model: nn.Module, x: torch.Tensor, expect_folded: int, method: str = "fx"):
+def check_fold(model: nn.Module, x: torch.Tensor, expect_folded: int, method: str = "fx", example_inputs=None):
     model = randomize_norms(model).eval()
     before = snapshot(model)
-    folded, report = fold_batchnorm(model)
+    folded, report = fold_batchnorm(model, example_inputs)
     assert_untouched(model, before)
     assert report.method == method, report
     assert len(report.folded) == expect_folded, report
@@ -252,7 +252,7 @@ class LoggingBatchNorm(nn.BatchNorm2d):
 
 def test_batch_norm_subclasses_with_their_own_forward_fold_when_eval_is_batch_norm():
     """Checked on a random input with a copy: normlab's renorm, ghost and sync batch norms are
-    batch norm in eval; a norm fused with an activation is not."""
+    batch norm in eval; a norm fused with an activation folds and leaves its activation."""
     import importlib
 
     layers = [LoggingBatchNorm(4)]
@@ -272,10 +272,9 @@ def test_batch_norm_subclasses_with_their_own_forward_fold_when_eval_is_batch_no
         with torch.no_grad():
             assert_relative_close(folded(x), model(x), 1e-5)
         assert_every_norm_explained(model, report)
+        assert len(report.folded) == 1, (type(layer).__name__, str(report))
         if "Act" in type(layer).__name__:
-            assert "its eval output differs from batch norm's formula" in report.skipped[0].reason
-        else:
-            assert len(report.folded) == 1, (type(layer).__name__, str(report))
+            assert report.folded[0].activation == "ReLU()" and type(folded[1]) is nn.ReLU
 
 
 def test_norm_with_hooks_is_skipped():
@@ -303,7 +302,8 @@ class Untraceable(nn.Module):
 
 def test_untraceable_model_falls_back_to_sequential_structure():
     torch.manual_seed(0)
-    folded, report = check_fold(Untraceable(), torch.randn(2, 3, 6, 6), expect_folded=2, method="structural")
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = check_fold(Untraceable(), x, expect_folded=2, method="structural", example_inputs=x)
     assert report.trace_error.startswith("TraceError")
     (skip,) = report.skipped
     assert skip.norm == "extra" and "not inside one (make the model traceable to fold it)" in skip.reason

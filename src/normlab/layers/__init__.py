@@ -3,8 +3,16 @@
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .base import NonFiniteStatisticsWarning, name_layers
 from .batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+)
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from .kinds import NormKind, norm_kind
 from .group import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer import LayerNorm, RMSNorm
 from .recurrent import BNLSTM, LNLSTM, RecurrentBatchNorm
@@ -26,6 +34,9 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FrozenBatchNormAct1d",
+    "FrozenBatchNormAct2d",
+    "FrozenBatchNormAct3d",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
@@ -37,6 +48,7 @@ __all__ = [
     "LinearRamp",
     "LayerNorm",
     "NonFiniteStatisticsWarning",
+    "NormKind",
     "RMSNorm",
     "RecurrentBatchNorm",
     "SyncBatchNorm",
@@ -44,6 +56,7 @@ __all__ = [
     "SyncBatchRenorm",
     "get_norm",
     "name_layers",
+    "norm_kind",
     "norm_names",
     "register_norm",
     "renorm_schedule",

@@ -14,7 +14,13 @@ only the ``(C,)`` scale for the input's gradient, never the input itself, unlike
 ``running_mean``, ``running_var``, ``num_batches_tracked``), so a batch norm's state dict loads
 with ``strict=True`` (version-1 checkpoints without ``num_batches_tracked`` too), and
 :meth:`from_batchnorm` converts a live layer. Running statistics stay float32 under
-``model.half()``; 16-bit input is transformed in float32 and returned in its dtype.
+``model.half()``; 16-bit input is transformed in float32 and returned in its dtype; integer
+input (a uint8 image) gives a floating result in the statistics' dtype, as torchvision's
+``FrozenBatchNorm2d`` does.
+
+``FrozenBatchNormAct1d/2d/3d`` add an activation module after the affine map, ``y = act(x *
+scale + shift)``: the frozen form of a batch norm fused with an activation (normlab's
+``BatchNormAct2d``, timm's ``BatchNormAct2d``), which :func:`normlab.surgery.freeze_bn` gives.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ from torch import Tensor, nn
 
 from .base import NormLayer, check_eps, check_momentum, check_positive_int
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = [
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenBatchNormAct1d",
+    "FrozenBatchNormAct2d",
+    "FrozenBatchNormAct3d",
+]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -68,7 +81,7 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module) -> _FrozenBatchNorm:
+    def from_batchnorm(cls, bn: nn.Module, **kw) -> _FrozenBatchNorm:
         """A frozen copy of a batch norm (torch's or normlab's): same buffers, eps and momentum.
 
         The class is the one of ``bn``'s rank when called on the base (``FrozenBatchNorm2d`` for
@@ -92,11 +105,11 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
                 f"(track_running_stats=False), so there is nothing to freeze; it normalizes with batch "
                 f"statistics in eval too. Train it with track_running_stats=True or recalibrate first."
             )
-        target = _rank_class(bn) if cls is _FrozenBatchNorm else cls
+        target = _rank_class(bn, act="act" in kw) if cls in (_FrozenBatchNorm, _FrozenBatchNormAct) else cls
         ref = bn.weight if bn.weight is not None else bn.running_mean
         frozen = target(
             bn.num_features, bn.eps, bn.weight is not None, device=ref.device, dtype=ref.dtype,
-            momentum=bn.momentum,
+            momentum=bn.momentum, **kw,
         )
         with torch.no_grad():
             if bn.weight is not None:
@@ -129,6 +142,10 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
                 f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
                 f"of shape {tuple(input.shape)}; check the preceding layer's output size."
             )
+        if not (input.is_floating_point() or input.is_complex()):
+            # An integer image: the affine map of its values, in the statistics' dtype (casting the
+            # result back to an integer type would round it to zeros).
+            input = input.to(self.running_mean.dtype)
         acc = torch.float32 if input.dtype in _HALF_DTYPES else input.dtype
         scale, shift = self.scale_shift(acc)
         view = (1, -1) + (1,) * (input.dim() - 2)
@@ -204,10 +221,56 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     _ranks = (5,)
 
 
-def _rank_class(bn: nn.Module) -> type[_FrozenBatchNorm]:
+def _rank_class(bn: nn.Module, act: bool = False) -> type[_FrozenBatchNorm]:
+    ranked = (FrozenBatchNormAct1d, FrozenBatchNormAct2d, FrozenBatchNormAct3d) if act else (
+        FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
     if isinstance(bn, nn.BatchNorm1d):
-        return FrozenBatchNorm1d
+        return ranked[0]
     if isinstance(bn, nn.BatchNorm3d):
-        return FrozenBatchNorm3d
+        return ranked[2]
     # BatchNorm2d, and SyncBatchNorm (any rank) whose most common use is 2-D.
-    return FrozenBatchNorm2d
+    return ranked[1]
+
+
+class _FrozenBatchNormAct(_FrozenBatchNorm):
+    """A frozen batch norm followed by an activation module: ``act(x * scale + shift)``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None, *,
+                 momentum: float | None = 0.1, act: nn.Module | None = None) -> None:
+        if act is not None and not isinstance(act, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}: act must be a torch.nn.Module (e.g. torch.nn.SiLU()) or None, "
+                f"got {type(act).__name__} {act!r}."
+            )
+        super().__init__(num_features, eps, affine, device, dtype, momentum=momentum)
+        # A child module, as in timm's FrozenBatchNormAct2d: an activation with parameters (PReLU)
+        # keeps them under the key 'act.*'.
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(super().forward(input))
+
+
+_ACT_DOC = """Frozen batch norm over {shape} followed by an activation module: ``y = act(x * scale + shift)``.
+
+    Arguments as :class:`FrozenBatchNorm1d`, and ``act``: the activation module (default
+    ``nn.Identity()``), a child module of the layer.
+
+    >>> import torch
+    >>> from normlab.layers.frozen import {name}
+    >>> layer = {name}(3, act=torch.nn.ReLU())
+    >>> bool((layer(torch.randn({example})) >= 0).all())
+    True
+    """
+
+
+class FrozenBatchNormAct1d(_FrozenBatchNormAct, FrozenBatchNorm1d):
+    __doc__ = _ACT_DOC.format(shape="``(N, C)`` or ``(N, C, L)``", name="FrozenBatchNormAct1d", example="4, 3")
+
+
+class FrozenBatchNormAct2d(_FrozenBatchNormAct, FrozenBatchNorm2d):
+    __doc__ = _ACT_DOC.format(shape="``(N, C, H, W)``", name="FrozenBatchNormAct2d", example="2, 3, 4, 4")
+
+
+class FrozenBatchNormAct3d(_FrozenBatchNormAct, FrozenBatchNorm3d):
+    __doc__ = _ACT_DOC.format(shape="``(N, C, D, H, W)``", name="FrozenBatchNormAct3d", example="2, 3, 2, 2, 2")

@@ -23,7 +23,8 @@ from .diagnose import (
     train_eval_gap,
 )
 from .importers import batchnorm_from_flax, batchnorm_from_keras
-from .fold import FoldedPair, FoldReport, FoldResult, SkippedNorm, fold_batchnorm, fold_weights, is_batchnorm
+from ..layers.kinds import is_batchnorm
+from .fold import FoldedPair, FoldReport, FoldResult, SkippedNorm, fold_batchnorm, fold_weights
 from .recalibrate import recalibrate_bn
 from .sync import convert_sync_batchnorm
 from .walk import find_modules, replace_modules

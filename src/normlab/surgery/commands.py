@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from .diagnose import is_norm, stats_problems
-from .fold import fold_batchnorm, is_batchnorm
+from ..layers.kinds import is_batchnorm
+from .fold import fold_batchnorm
 
 __all__ = ["CheckpointError", "fold_checkpoint", "inspect_checkpoint", "load_checkpoint"]
 

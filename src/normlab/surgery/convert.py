@@ -18,39 +18,49 @@ import torch
 from torch import Tensor, nn
 
 from .. import stats as _stats
+from ..layers.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin
 from ..layers.batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from ..layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from ..layers.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+    _FrozenBatchNormAct,
+)
+from ..layers.kinds import NormKind, activation_spec, is_batchnorm, norm_kind
 from ..layers.registry import get_norm, norm_names
-from .fold import computes_batchnorm
 from .walk import Match, _predicate, replace_modules
 
 __all__ = ["convert_norm", "freeze_bn", "unfreeze_bn"]
 
 _FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+_FROZEN_ACT = {1: FrozenBatchNormAct1d, 2: FrozenBatchNormAct2d, 3: FrozenBatchNormAct3d}
 _NORMLAB_BN = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_NORMLAB_BN_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d}
 _TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_PER_CHANNEL = ("batch", "frozen", "group", "instance")
 
 
-def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _FrozenBatchNorm))
+def _label(name: str, module: nn.Module) -> str:
+    return f"'{name or '<model>'}' ({type(module).__name__})"
 
 
-def _is_per_channel_norm(module: nn.Module) -> bool:
-    return _is_batchnorm(module) or isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm))
+def _known(where: str, name: str, module: nn.Module) -> NormKind:
+    """The module's kind, or a TypeError when normlab cannot tell what it computes."""
+    kind = norm_kind(module)
+    if kind is not None and kind.unknown:
+        raise TypeError(
+            f"{where}: {_label(name, module)}: {kind.unknown}. Leave it out with match=..., or replace it "
+            f"by hand with a layer whose formula is known."
+        )
+    return kind
 
 
-def _channels(module: nn.Module) -> int:
-    return getattr(module, "num_features", None) or module.num_channels
-
-
-def _dim_of(module: nn.Module) -> int | None:
-    """The spatial rank a per-channel norm expects (1 for (N, C) / (N, C, L)), if its class says."""
-    for dim, classes in ((1, (nn.BatchNorm1d, FrozenBatchNorm1d, nn.InstanceNorm1d)),
-                         (2, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.InstanceNorm2d)),
-                         (3, (nn.BatchNorm3d, FrozenBatchNorm3d, nn.InstanceNorm3d))):
-        if isinstance(module, classes):
-            return dim
-    return None
+def _followed_by(norm: nn.Module, activation: nn.Module | None) -> nn.Module:
+    """``norm`` then ``activation``: one module (``norm`` itself when nothing follows it)."""
+    return norm if activation is None else nn.Sequential(norm, activation)
 
 
 def _restricted(model: nn.Module, match: Match | None, default, where: str):
@@ -68,10 +78,11 @@ def _ref_tensor(module: nn.Module) -> Tensor | None:
     return None
 
 
-def _build_target(name: str, old: nn.Module, to: str, kw: dict) -> nn.Module:
-    channels = _channels(old)
-    dim = kw.pop("dim", None) or _dim_of(old)
-    where = f"convert_norm: '{name or '<model>'}' ({type(old).__name__})"
+def _build_target(name: str, old: nn.Module, kind: NormKind, to: str, kw: dict) -> nn.Module:
+    """The new norm; a norm-act of the target kind when one holds the old activation exactly."""
+    channels = kind.channels
+    dim = kw.pop("dim", None) or kind.dim
+    where = f"convert_norm: {_label(name, old)}"
     if to == "layer":
         # Layer norm over (C, *) with per-channel γ and β, valid for every input rank (the
         # registry's LayerNorm(C) would normalize the last dimension, which is not C for (N, C, H, W)).
@@ -84,16 +95,25 @@ def _build_target(name: str, old: nn.Module, to: str, kw: dict) -> nn.Module:
                 f"a {dim + 2 if dim else 'higher'}-D tensor. Use to='layer' or to='group' instead."
             )
         return get_norm("rms", channels, **kw)
-    if to in ("batch", "instance", "frozen"):  # the registry's families that take dim
+    if to in ("batch", "instance", "frozen", "batch_act", "renorm", "ghost"):  # registry families taking dim
         if dim is None:
             raise ValueError(f"{where}: to={to!r} needs the input rank; pass dim=1, 2 or 3.")
+        if kind.activation is not None and to in ("batch", "batch_act"):
+            spec = activation_spec(kind.activation)
+            if spec is not None:
+                return _NORMLAB_BN_ACT[dim](channels, **{**spec, **kw})
+        if kind.activation is not None and to == "frozen":
+            return _FROZEN_ACT[dim](channels, act=kind.activation, **kw)
         return get_norm(to, channels, dim=dim, **kw)
     return get_norm(to, channels, **kw)
 
 
-def _carry(name: str, old: nn.Module, new: nn.Module) -> None:
+def _holds_activation(new: nn.Module) -> bool:
+    return isinstance(new, (_BatchNormActMixin, _FrozenBatchNormAct))
+
+
+def _carry(name: str, old: nn.Module, new: nn.Module, channels: int) -> None:
     where = f"convert_norm: '{name or '<model>'}' ({type(old).__name__} -> {type(new).__name__})"
-    channels = _channels(old)
     gamma, beta = getattr(old, "weight", None), getattr(old, "bias", None)
     new_weight, new_bias = getattr(new, "weight", None), getattr(new, "bias", None)
     with torch.no_grad():
@@ -145,17 +165,18 @@ def convert_norm(model: nn.Module, to: str = "group", *, match: Match | None = N
     """
     if not isinstance(to, str) or to not in norm_names():
         raise ValueError(f"convert_norm: unknown target norm {to!r}; valid names are {norm_names()}.")
-    selected = (lambda name, m: _is_batchnorm(m)) if match is None else _predicate(model, match, "convert_norm")
+    selected = (lambda name, m: is_batchnorm(m)) if match is None else _predicate(model, match, "convert_norm")
 
     def make(name: str, old: nn.Module) -> nn.Module:
-        if not _is_per_channel_norm(old):
+        kind = _known("convert_norm", name, old)
+        if kind is None or kind.family not in _PER_CHANNEL:
             raise TypeError(
-                f"convert_norm: match picked '{name or '<model>'}', a {type(old).__name__}; only per-channel "
-                f"norms (batch, frozen batch, group, instance) can be converted."
+                f"convert_norm: match picked '{name or '<model>'}', a {type(old).__name__}; only per-channel norms (batch, frozen batch, "
+                f"group, instance, with or without an activation) can be converted."
             )
         if to == "none":
-            return nn.Identity()
-        new = _build_target(name, old, to, dict(kw))
+            return (kind.activation or nn.Identity()).train(old.training)
+        new = _build_target(name, old, kind, to, dict(kw))
         if "eps" not in kw and hasattr(new, "eps") and hasattr(old, "eps"):
             new.eps = old.eps
         if "momentum" not in kw and hasattr(new, "momentum") and hasattr(old, "momentum"):
@@ -163,15 +184,31 @@ def convert_norm(model: nn.Module, to: str = "group", *, match: Match | None = N
         ref = _ref_tensor(old)
         if ref is not None:
             new = new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        _carry(name, old, new)
+        _carry(name, old, new, kind.channels)
+        if not _holds_activation(new):
+            new = _followed_by(new, kind.activation)
         return new.train(old.training)
 
     return replace_modules(model, selected, make)
 
 
+def _family(family: str):
+    def test(module: nn.Module) -> bool:
+        kind = norm_kind(module)
+        return kind is not None and kind.family == family
+
+    return test
+
+
 def freeze_bn(model: nn.Module, *, match: Match | None = None) -> nn.Module:
     """A copy of ``model`` whose batch norms are :class:`~normlab.layers.frozen.FrozenBatchNorm2d`
     (1d/3d by rank): statistics, γ, β, eps and momentum kept, nothing learned or updated.
+
+    Every module that computes batch norm is frozen (:func:`normlab.layers.kinds.norm_kind`):
+    torch's and normlab's batch norms, batch renorm, ghost and synchronized batch norms, and
+    batch norms fused with an activation (normlab's ``BatchNormAct2d``, timm's
+    ``BatchNormAct2d``), which become :class:`~normlab.layers.frozen.FrozenBatchNormAct2d` with
+    the same activation module, so the eval output is unchanged.
 
     Args:
         model: the model (left untouched).
@@ -179,25 +216,30 @@ def freeze_bn(model: nn.Module, *, match: Match | None = None) -> nn.Module:
 
     Raises:
         ValueError: a picked batch norm has no running statistics (nothing to freeze).
+        TypeError: a batch norm whose forward normlab cannot verify (another library's subclass
+            whose eval output is not batch norm's formula followed by its ``.act``): leave it
+            out with ``match``.
 
-    >>> import torch
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    >>> type(freeze_bn(net)[1]).__name__
-    'FrozenBatchNorm1d'
+    >>> import torch, normlab
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+    ...                           normlab.BatchNormAct1d(4, act="silu"))
+    >>> [type(m).__name__ for m in freeze_bn(net)]
+    ['Linear', 'FrozenBatchNorm1d', 'FrozenBatchNormAct1d']
     """
-    # A norm fused with an activation (BatchNormAct) is no plain batch norm: freezing it into
-    # an affine map would drop the activation, so it is left as it is.
-    selected = _restricted(model, match, computes_batchnorm, "freeze_bn")
+    selected = _restricted(model, match, _family("batch"), "freeze_bn")
 
     def make(name: str, bn: nn.Module) -> nn.Module:
+        kind = _known("freeze_bn", name, bn)
         if bn.running_mean is None:
             raise ValueError(
                 f"freeze_bn: '{name or '<model>'}' ({type(bn).__name__}) has no running statistics "
                 f"(track_running_stats=False), so there is nothing to freeze; leave it out with "
                 f"match=..., or recalibrate it with track_running_stats=True first."
             )
-        dim = _dim_of(bn) or 2
-        return _FROZEN[dim].from_batchnorm(bn)
+        dim = kind.dim or 2
+        if kind.activation is None:
+            return _FROZEN[dim].from_batchnorm(bn)
+        return _FROZEN_ACT[dim].from_batchnorm(bn, act=kind.activation)
 
     return replace_modules(model, selected, make)
 
@@ -211,10 +253,17 @@ def unfreeze_bn(
 ) -> nn.Module:
     """A copy of ``model`` whose frozen batch norms are trainable batch norms again, state kept.
 
+    normlab's frozen norms and other libraries' (torchvision's ``FrozenBatchNorm2d``, timm's
+    ``FrozenBatchNormAct2d``) are unfrozen. A frozen norm with an activation becomes normlab's
+    ``BatchNormAct`` when that holds the activation exactly (ReLU, LeakyReLU, ELU, SiLU,
+    Identity) and ``layer="normlab"``; otherwise the batch norm followed by the same activation
+    module, in an ``nn.Sequential`` (its state-dict keys gain a ``0.``).
+
     Args:
         model: the model (left untouched).
         match: restrict to some frozen norms.
-        momentum: the new layers' momentum; ``"keep"`` (default) restores the one saved when freezing.
+        momentum: the new layers' momentum; ``"keep"`` (default) restores the one saved when
+            freezing (0.1 for a frozen norm that saved none).
         layer: ``"normlab"`` (:class:`normlab.BatchNorm2d` etc.) or ``"torch"`` (``torch.nn``).
 
     >>> import torch
@@ -227,16 +276,32 @@ def unfreeze_bn(
     if momentum != "keep":
         _stats.check_momentum(momentum, owner="unfreeze_bn")
     classes = _NORMLAB_BN if layer == "normlab" else _TORCH_BN
-    selected = _restricted(model, match, lambda m: isinstance(m, _FrozenBatchNorm), "unfreeze_bn")
+    selected = _restricted(model, match, _family("frozen"), "unfreeze_bn")
 
-    def make(name: str, frozen: _FrozenBatchNorm) -> nn.Module:
+    def make(name: str, frozen: nn.Module) -> nn.Module:
+        kind = _known("unfreeze_bn", name, frozen)
+        dim = kind.dim or 2
         ref = frozen.running_mean
-        bn = classes[_dim_of(frozen)](
-            frozen.num_features, frozen.eps, frozen.momentum if momentum == "keep" else momentum,
-            affine=frozen.affine, device=ref.device,
-            dtype=frozen.weight.dtype if frozen.weight is not None else ref.dtype,
+        weight, bias = getattr(frozen, "weight", None), getattr(frozen, "bias", None)
+        spec = activation_spec(kind.activation) if kind.activation is not None and layer == "normlab" else None
+        cls, extra = (_NORMLAB_BN_ACT[dim], spec) if spec is not None else (classes[dim], {})
+        bn = cls(
+            kind.channels, frozen.eps, getattr(frozen, "momentum", 0.1) if momentum == "keep" else momentum,
+            affine=weight is not None, device=ref.device, dtype=weight.dtype if weight is not None else ref.dtype,
+            **extra,
         )
-        bn.load_state_dict(frozen.state_dict(), strict=True)
-        return bn.train(frozen.training)
+        with torch.no_grad():
+            if weight is not None:
+                bn.weight.copy_(weight)
+                bn.bias.copy_(bias)
+            bn.running_mean.copy_(ref)
+            bn.running_var.copy_(frozen.running_var)
+            count = getattr(frozen, "num_batches_tracked", None)
+            if isinstance(count, Tensor):
+                bn.num_batches_tracked.copy_(count)
+        bn.train(frozen.training)
+        if spec is None and kind.activation is not None:
+            return _followed_by(bn, kind.activation).train(frozen.training)
+        return bn
 
     return replace_modules(model, selected, make)

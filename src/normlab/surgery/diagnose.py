@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.base import NormLayer
-from .fold import is_batchnorm
+from ..layers.kinds import is_batchnorm, norm_kind
 from .recalibrate import check_num_batches, collect_moments, iterate, run_batch
 from .walk import Match, find_modules
 
@@ -43,10 +43,9 @@ __all__ = [
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalization layer (normlab's, torch's batch/group/instance/layer/RMS)."""
-    torch_norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm),
-                   nn.LocalResponseNorm)
-    return isinstance(module, (NormLayer, *torch_norms)) or is_batchnorm(module)
+    """Whether ``module`` is a normalization layer (normlab's, torch's batch/group/instance/layer/RMS,
+    other libraries' as :func:`normlab.layers.kinds.norm_kind` recognizes them)."""
+    return isinstance(module, NormLayer) or norm_kind(module) is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,15 +10,21 @@ be absorbed into that layer's weights (:func:`fold_weights`, the only place the 
 :func:`fold_batchnorm` finds the pairs, checks that folding keeps the model's outputs, and
 returns a copy with each folded norm replaced by ``nn.Identity`` (the model's class, attributes
 and other submodules stay as they were), with a :class:`FoldReport` of what was folded and why
-every other batch norm was not.
+every other batch norm was not. A norm fused with an activation (normlab's or timm's
+``BatchNormAct2d``, timm's ``FrozenBatchNormAct2d``) is replaced by its activation module.
 
-Which pairs: a batch norm (``torch.nn.BatchNorm*d``, ``SyncBatchNorm``, normlab's, frozen ones)
-whose input is the output of a ``Linear``, ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d``
-(grouped and depthwise included) and of nothing else. The dataflow comes from ``torch.fx``
-(normalization layers and torch.nn layers are leaves of the trace); a model that does not trace
-falls back to a structural walk: a norm right after such a layer inside an ``nn.Sequential``.
-A Linear is assumed to produce ``(N, features)`` (BatchNorm1d normalizes dimension 1); pass
-``example_inputs`` to check this, and the folded outputs, on real data.
+Which pairs: a batch norm, as :func:`normlab.layers.kinds.norm_kind` recognizes it (torch's,
+``SyncBatchNorm``, normlab's, frozen ones including torchvision's, other libraries' norm-act
+subclasses whose eval formula checks out), whose input is the output of a ``Linear``,
+``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d`` (grouped and depthwise included) and of nothing
+else. The dataflow comes from ``torch.fx`` (normalization layers and torch.nn layers are leaves
+of the trace). A model that does not trace falls back to a structural walk, a norm right after
+such a layer inside an ``nn.Sequential``, and folds such a pair only when a run on
+``example_inputs`` shows that the Sequential alone calls the two and the norm's input is the
+layer's output at every call (the model's own forward could otherwise use that output
+elsewhere); without ``example_inputs`` it folds nothing there and says why. A Linear is assumed
+to produce ``(N, features)`` (BatchNorm1d normalizes dimension 1); pass ``example_inputs`` to
+check this, and the folded outputs, on real data.
 """
 
 from __future__ import annotations
@@ -32,8 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.base import NormLayer
-from ..layers.batch import _BatchNormMixin
-from ..layers.frozen import _FrozenBatchNorm
+from ..layers.kinds import NormKind, is_batchnorm, norm_kind
 from .walk import find_modules, replace_modules
 
 __all__ = ["FoldReport", "FoldResult", "FoldedPair", "SkippedNorm", "fold_batchnorm", "fold_weights", "is_batchnorm"]
@@ -123,73 +128,19 @@ def fold_weights(
 # --------------------------------------------------------------------------------------------
 
 
-_KNOWN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, _BatchNormMixin.forward)
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """Whether ``module`` is a batch norm (torch's, normlab's or a frozen one): what folding,
-    recalibration, freezing and the diagnostics look for."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _FrozenBatchNorm))
-
-
-def computes_batchnorm(module: nn.Module) -> bool:
-    """Whether a batch norm's inference output is batch norm's formula and nothing more, so that
-    it may be replaced by another batch norm (frozen, synchronized) or folded: False for a norm
-    fused with an activation, whatever class it derives from."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return False
-    if type(module).forward in _KNOWN_FORWARDS or getattr(type(module), "folds_like_batchnorm", False):
-        return True
-    return module.running_mean is not None and _eval_is_batchnorm(module)
-
-
-def _probe_shape(norm: nn.Module) -> tuple[int, ...]:
-    spatial = 0 if isinstance(norm, nn.BatchNorm1d) else 3 if isinstance(norm, nn.BatchNorm3d) else 2
-    return (3, norm.num_features) + (2,) * spatial
-
-
-def _eval_is_batchnorm(norm: nn.Module) -> bool:
-    """Whether a batch-norm subclass with its own forward computes batch norm's eval formula,
-    checked on a random input with a copy (e.g. normlab's batch renorm and ghost batch norm do;
-    a norm fused with an activation does not)."""
-    probe = copy.deepcopy(norm).eval()
-    ref = probe.running_mean
-    x = torch.randn(_probe_shape(norm), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = x.to(device=ref.device, dtype=probe.weight.dtype if probe.weight is not None else ref.dtype)
-    try:
-        with torch.no_grad():
-            got = probe(x)
-    except Exception:
-        return False
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    scale = torch.rsqrt(probe.running_var.double() + probe.eps)
-    if probe.weight is not None:
-        scale = scale * probe.weight.double()
-    shift = -ref.double() * scale
-    if probe.bias is not None:
-        shift = shift + probe.bias.double()
-    expected = x.double() * scale.reshape(view) + shift.reshape(view)
-    if not isinstance(got, Tensor) or got.shape != expected.shape:
-        return False
-    tol = 1e-3 if x.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    return bool(((got.double() - expected).abs() <= tol * (1 + expected.abs())).all())
-
-
-def _norm_problem(norm: nn.Module) -> str | None:
+def _norm_problem(norm: nn.Module, kind: NormKind) -> str | None:
     """Why this batch norm cannot be folded by itself, or None."""
+    if kind.unknown:
+        return kind.unknown
     if norm._forward_hooks or norm._forward_pre_hooks:
         return "it has forward hooks, which would no longer see its input and output"
-    if not isinstance(norm, _FrozenBatchNorm):
-        if norm.running_mean is None or norm.running_var is None:
-            return ("it has no running statistics (track_running_stats=False): it normalizes with the "
-                    "statistics of each batch even in eval, which no fixed weights can reproduce")
-        if not computes_batchnorm(norm):
-            return (f"{type(norm).__name__} overrides batch norm's forward, and its eval output differs from "
-                    f"batch norm's formula (checked on a random input)")
+    if not kind.eval_is_affine or getattr(norm, "running_mean", None) is None or norm.running_var is None:
+        return ("it has no running statistics (track_running_stats=False): it normalizes with the "
+                "statistics of each batch even in eval, which no fixed weights can reproduce")
     return None
 
 
-def _layer_problem(layer: nn.Module, norm: nn.Module) -> str | None:
+def _layer_problem(layer: nn.Module, channels: int | None) -> str | None:
     """Why this layer cannot absorb the norm, or None."""
     kind = type(layer).__name__
     base = next(c for c in _LAYERS if isinstance(layer, c))
@@ -202,8 +153,8 @@ def _layer_problem(layer: nn.Module, norm: nn.Module) -> str | None:
     if layer._forward_hooks or layer._forward_pre_hooks:
         return f"the {kind} before it has forward hooks, which would see the folded output"
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if out != norm.num_features:
-        return f"the {kind} before it has {out} outputs but the norm has {norm.num_features} channels"
+    if out != channels:
+        return f"the {kind} before it has {out} outputs but the norm has {channels} channels"
     return None
 
 
@@ -214,10 +165,12 @@ def _layer_problem(layer: nn.Module, norm: nn.Module) -> str | None:
 
 @dataclass(frozen=True)
 class FoldedPair:
-    """A norm (``norm``, now ``nn.Identity``) folded into the layer named ``layer``."""
+    """A norm (``norm``) folded into the layer named ``layer``; the norm is now ``nn.Identity``,
+    or the activation it applied after normalizing (``activation``, its repr), kept in its place."""
 
     layer: str
     norm: str
+    activation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,7 +203,8 @@ class FoldReport:
         lines = [f"folded {len(self.folded)} batch norm(s), skipped {len(self.skipped)} (method: {self.method})"]
         if self.trace_error:
             lines.append(f"  torch.fx could not trace the model: {self.trace_error}")
-        lines += [f"  folded  '{p.norm}' into '{p.layer}'" for p in self.folded]
+        lines += [f"  folded  '{p.norm}' into '{p.layer}'" + (f", its activation {p.activation} kept in its place"
+                                                            if p.activation else "") for p in self.folded]
         lines += [f"  skipped '{s.norm}': {s.reason}" for s in self.skipped]
         if self.max_abs_diff is not None:
             lines.append(f"  max |folded - original| on the example inputs: {self.max_abs_diff:.3g}")
@@ -359,9 +313,76 @@ def _pairs_by_structure(model: nn.Module, norms: dict[str, nn.Module], trace_err
 # --------------------------------------------------------------------------------------------
 
 
+def _checked_by_running(model: nn.Module, pairs: list[tuple[str, str]], skipped: dict[str, str],
+                        example_inputs: Any) -> list[tuple[str, str]]:
+    """The structural pairs that a run on ``example_inputs`` shows safe to fold: every call of the
+    layer and of the norm is made by their nn.Sequential, and the norm's input is the layer's
+    output each time, so that output goes nowhere else. The rest go to ``skipped``.
+
+    Without a trace, the model's own forward may call the layer outside its nn.Sequential or use
+    its output elsewhere; only running it can show that it does not."""
+    if not pairs:
+        return pairs
+    if example_inputs is None:
+        for layer_name, norm_name in pairs:
+            skipped[norm_name] = (
+                f"torch.fx could not trace the model, so nothing shows that the output of '{layer_name}' "
+                f"goes to this norm only; pass example_inputs to fold_batchnorm to check it by running the "
+                f"model (or make the model traceable)")
+        return []
+    probe = copy.deepcopy(model)
+    layers, norms = {layer for layer, _ in pairs}, {norm for _, norm in pairs}
+    stack: list[str] = []
+    # (calling module, tensor) per call; the tensors are kept (compared by identity, not by id()).
+    seen: dict[str, list[tuple[str | None, Any]]] = {name: [] for name in layers | norms}
+    handles = []
+
+    def enter(name: str):
+        def hook(module, args):
+            if name in norms:  # record the norm's input and who called it
+                seen[name].append((stack[-1] if stack else None, args[0] if args else None))
+            stack.append(name)
+        return hook
+
+    def leave(name: str):
+        def hook(module, args, output):
+            if stack and stack[-1] == name:
+                stack.pop()
+            if name in layers:  # record the layer's output and who called it
+                seen[name].append((stack[-1] if stack else None, output))
+        return hook
+
+    for name, module in probe.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave(name)))
+    try:
+        with torch.no_grad():
+            probe(*_as_tuple(example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    safe = []
+    for layer_name, norm_name in pairs:
+        sequential = layer_name.rpartition(".")[0]
+        layer_calls, norm_calls = seen[layer_name], seen[norm_name]
+        if not layer_calls:
+            skipped[norm_name] = f"'{layer_name}' is not called when the model runs on the example inputs"
+        elif any(parent != sequential for parent, _ in layer_calls + norm_calls):
+            skipped[norm_name] = (f"'{layer_name}' or this norm is also called outside their nn.Sequential "
+                                  f"'{sequential or '<model>'}' (seen running the example inputs)")
+        elif len(layer_calls) != len(norm_calls) or any(
+                out is not inp for (_, out), (_, inp) in zip(layer_calls, norm_calls)):
+            skipped[norm_name] = (f"its input is not the output of '{layer_name}' at every call (seen running the "
+                                  f"example inputs)")
+        else:
+            safe.append((layer_name, norm_name))
+    return safe
+
+
 def _fused(layer: nn.Module, norm: nn.Module) -> nn.Module:
     weight, bias = fold_weights(
-        layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias,
+        layer.weight, layer.bias, norm.running_mean, norm.running_var, norm.eps,
+        getattr(norm, "weight", None), getattr(norm, "bias", None),
         transpose=isinstance(layer, _CONV_TRANSPOSES), groups=getattr(layer, "groups", 1),
     )
     new = copy.deepcopy(layer)
@@ -410,8 +431,9 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> FoldResult:
     Args:
         model: the model, with its batch norms in eval mode (``model.eval()``).
         example_inputs: optional input (or tuple of inputs) for ``model``: checks that each Linear
-            before a norm outputs ``(N, features)`` and measures the folded model's deviation
-            (``report.max_abs_diff``).
+            before a norm outputs ``(N, features)``, measures the folded model's deviation
+            (``report.max_abs_diff``), and lets a model that torch.fx cannot trace fold the pairs
+            a run shows safe (nothing folds there without it).
 
     Returns:
         :class:`FoldResult` ``(model, report)``; the report is also logged (logger
@@ -433,8 +455,8 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> FoldResult:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm: model must be a torch.nn.Module, got {type(model).__name__}.")
     norms = dict(find_modules(model, lambda name, m: is_batchnorm(m)))
-    training = [name or "<model>" for name, m in norms.items()
-                if m.training and not isinstance(m, _FrozenBatchNorm)]
+    kinds = {name: norm_kind(m) for name, m in norms.items()}
+    training = [name or "<model>" for name, m in norms.items() if m.training and kinds[name].family == "batch"]
     if training:
         raise ValueError(
             f"fold_batchnorm: batch norm(s) {', '.join(map(repr, training[:5]))}"
@@ -448,6 +470,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> FoldResult:
         message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         report.method, report.trace_error = "structural", message
         pairs, skipped = _pairs_by_structure(model, norms, message)
+        pairs = _checked_by_running(model, pairs, skipped, example_inputs)
 
     ranks = {}
     if example_inputs is not None:
@@ -455,8 +478,8 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> FoldResult:
                               example_inputs)
     chosen: dict[str, nn.Module] = {}
     for layer_name, norm_name in pairs:
-        layer, norm = model.get_submodule(layer_name), norms[norm_name]
-        problem = _norm_problem(norm) or _layer_problem(layer, norm)
+        layer, norm, kind = model.get_submodule(layer_name), norms[norm_name], kinds[norm_name]
+        problem = _norm_problem(norm, kind) or _layer_problem(layer, kind.channels)
         if problem is None and ranks.get(layer_name, 2) != 2:
             problem = (f"the Linear '{layer_name}' before it outputs a {ranks[layer_name]}-D tensor, whose "
                        f"dimension 1 is not its features")
@@ -464,8 +487,9 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> FoldResult:
             skipped[norm_name] = problem
             continue
         chosen[layer_name] = _fused(layer, norm)
-        chosen[norm_name] = nn.Identity()
-        report.folded.append(FoldedPair(layer_name, norm_name))
+        # A norm fused with an activation leaves the activation where the norm was.
+        chosen[norm_name] = kind.activation.eval() if kind.activation is not None else nn.Identity()
+        report.folded.append(FoldedPair(layer_name, norm_name, None if kind.activation is None else repr(kind.activation)))
     for name in norms:
         if name in skipped:
             report.skipped.append(SkippedNorm(name or "<model>", skipped[name]))

@@ -10,34 +10,38 @@ from typing import Any
 
 from torch import nn
 
-from ..layers.act import _BatchNormActMixin
-from ..layers.renorm import _BatchRenormMixin
+from ..layers.kinds import activation_spec, norm_kind
 from ..layers.sync import SyncBatchNorm, SyncBatchNormAct, SyncBatchRenorm
-from .fold import _KNOWN_FORWARDS
 from .walk import replace_modules
 
 __all__ = ["convert_sync_batchnorm"]
 
 # Options of normlab's batch norms that every synchronized layer shares.
 _OPTIONS = ("single_sample", "on_nonfinite", "unbiased", "stable_stats")
-# normlab's synchronized layers are kept (torch's SyncBatchNorm is converted: it fails on the CPU).
-_SYNCHRONIZED = (SyncBatchNorm, SyncBatchRenorm, SyncBatchNormAct)
 
 
-def _sync_class(module: nn.Module) -> tuple[type, tuple[str, ...]] | None:
+def _sync_class(module: nn.Module) -> tuple[type, dict] | None:
     """The synchronized class that computes what ``module`` computes, and the options it takes
-    over; None for a batch norm that has none. Decided by the forward the class runs, so that a
-    subclass overriding it (computing something else) is not replaced."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(module, _SYNCHRONIZED):
+    over; None for a batch norm that has none (or that is synchronized already). Decided by
+    :func:`normlab.layers.kinds.norm_kind`, so that a subclass computing something else, or one
+    of another library whose training forward normlab cannot see, is not replaced."""
+    kind = norm_kind(module)
+    if kind is None or kind.family != "batch" or kind.unknown or kind.source == "other":
         return None
-    forward = type(module).forward
-    if forward in _KNOWN_FORWARDS:  # torch's and normlab's batch norms, torch's SyncBatchNorm
-        return SyncBatchNorm, _OPTIONS
-    if forward is _BatchRenormMixin.forward:
-        return SyncBatchRenorm, _OPTIONS + ("r_max", "d_max")
-    if forward is _BatchNormActMixin.forward:
-        return SyncBatchNormAct, _OPTIONS + ("act", "negative_slope", "alpha", "save")
-    return None
+    options = {key: getattr(module, key) for key in _OPTIONS if hasattr(module, key)}
+    if kind.variant == "renorm":
+        return SyncBatchRenorm, {**options, "r_max": module.r_max, "d_max": module.d_max}
+    if kind.variant != "plain":  # ghost (per-process by design) or synchronized already
+        return None
+    if kind.activation is None:
+        return SyncBatchNorm, options
+    spec = activation_spec(kind.activation)
+    return None if spec is None else (SyncBatchNormAct, {**options, **spec, "save": getattr(module, "save", "auto")})
+
+
+def _is_unsynchronized_batchnorm(module: nn.Module) -> bool:
+    kind = norm_kind(module)
+    return kind is not None and kind.family == "batch" and kind.variant != "sync"
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -> nn.Module:
@@ -76,8 +80,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -
     """
 
     skipped = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _SYNCHRONIZED)
-               and _sync_class(m) is None]
+               if _is_unsynchronized_batchnorm(m) and _sync_class(m) is None]
     if skipped:
         warnings.warn(
             f"convert_sync_batchnorm: left {', '.join(skipped)} as they are: normlab has no synchronized "
@@ -91,8 +94,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -
         return _sync_class(module) is not None
 
     def make(name: str, bn: nn.Module) -> nn.Module:
-        cls, keys = _sync_class(bn)
-        options = {key: getattr(bn, key) for key in keys if hasattr(bn, key)}
+        cls, options = _sync_class(bn)
         ref = bn.weight if bn.weight is not None else bn.running_mean
         sync = cls(
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
