@@ -128,23 +128,37 @@ def _jobs(args) -> int:
     return args.jobs if args.jobs is not None else (1 if "WORLD_SIZE" in os.environ else default_jobs())
 
 
+# The option that sets each config key, for the messages of check_user_overrides.
+_FLAG_NAMES = {"train.sync_bn": "--sync-bn", "train.steps": "--steps", "train.seeds": "--seeds",
+               "train.first_seed": "--first-seed", "train.device": "--device", "data.name": "--data",
+               "data.data_dir": "--data-dir"}
+
+
 def _resolve_config(args):
-    from .lab.config import apply_overrides, load_toml_overrides, parse_set
+    from .lab.config import apply_overrides, check_user_overrides, load_toml_overrides, parse_set
     from .lab.experiments.base import get_experiment
 
     experiment = get_experiment(args.experiment)
     config = experiment.quick_config() if args.quick else experiment.default_config()
+    given: dict[str, str] = {}  # the keys the user set, and how: a value no job would use is an error
     if args.config:
         file_overrides = load_toml_overrides(args.config)
         arms, grid = file_overrides.pop("__arms__", None), file_overrides.pop("__grid__", None)
         config = apply_overrides(config, file_overrides, parse=False)
+        given.update({key: f"--config {args.config} ({key})" for key in file_overrides})
         if arms is not None:
             config.arms = {name: dict(body) for name, body in arms.items()}
         if grid is not None:
             config.grid = {axis: values for axis, values in grid.items()}
     flags = {"train.sync_bn": True if args.sync_bn else None, "train.steps": args.steps}
-    config = apply_overrides(config, {**{k: v for k, v in flags.items() if v is not None}, **_flag_overrides(args)})
-    config = apply_overrides(config, parse_set(args.set))
+    flags = {**{k: v for k, v in flags.items() if v is not None}, **_flag_overrides(args)}
+    config = apply_overrides(config, flags)
+    given.update({key: f"{_FLAG_NAMES[key]} ({key})" for key in flags})
+    sets = parse_set(args.set)
+    config = apply_overrides(config, sets)
+    given.update({key: f"--set {key}={value}" for key, value in sets.items()})
+    # after the file's arms and grid: they decide what is ignored
+    check_user_overrides(config, given, experiment.derived)
     return experiment, config
 
 

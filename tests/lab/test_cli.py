@@ -94,3 +94,12 @@ def test_a_toml_grid_table_sets_the_grid(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {(r["arm"], r["point"]["train.lr"]) for r in rows} == {(a, lr) for a in ("none", "batch") for lr in (0.1, 1.0)}
     assert "2 arms x 2 grid points x 1 seeds" in capsys.readouterr().err
+
+
+def test_set_key_that_every_arm_overrides_is_rejected_by_the_command(capsys, tmp_path):
+    """Issue 11 item 8: `--set model.norm=...` was saved in config.json and ignored."""
+    assert main(["run", "ioffe2015-mnist", "--quick", "--no-progress", "--out", str(tmp_path / "run"),
+                 "--set", "model.norm=group"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: --set model.norm=group would be ignored: every arm") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

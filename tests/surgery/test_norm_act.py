@@ -332,3 +332,24 @@ def test_frozen_batchnorm_on_integer_input_gives_a_float_result(dtype):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference(pixels))
     torch.testing.assert_close(out, frozen(pixels.float()))
+
+
+# --------------------------------------------------------------------------------------------
+# Recalibration asks the same question
+# --------------------------------------------------------------------------------------------
+
+
+def test_recalibrate_bn_recalibrates_other_libraries_norm_act_layers_and_reports_unverified_ones():
+    from normlab.surgery import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), TimmBatchNormAct2d(4, act_layer=nn.SiLU),
+                                     nn.Conv2d(4, 4, 1), LyingBatchNorm2d(4), TimmFrozenBatchNormAct2d(4))).eval()
+    data = [image(seed) for seed in range(3)]
+    with pytest.warns(UserWarning, match=r"left '3' \(LyingBatchNorm2d\) as they are: normlab cannot tell"):
+        fresh = recalibrate_bn(model, data)
+    h = torch.cat([model[0](x) for x in data]).detach().double()
+    torch.testing.assert_close(fresh[1].running_mean.double(), h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fresh[1].running_var.double(), h.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    for index in (3, 4):  # the unverified and the frozen norm keep their statistics
+        assert torch.equal(fresh[index].running_mean, model[index].running_mean)

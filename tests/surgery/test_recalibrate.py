@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +14,10 @@ import torch
 from torch import nn
 
 import normlab
+from normlab.layers.base import NonFiniteStatisticsWarning
 from normlab.layers.frozen import FrozenBatchNorm1d
 from normlab.surgery import recalibrate_bn
+from normlab.surgery.recalibrate import RecalibrationReport
 
 from .helpers import assert_untouched, randomize_norms, snapshot
 
@@ -136,6 +140,126 @@ def test_forward_argument_and_unreached_norm_warns():
 
 
 # --------------------------------------------------------------------------------------------
+# Issue 11, item 5: masks pass through; non-finite batches are skipped, warned and counted
+# --------------------------------------------------------------------------------------------
+
+
+class MaskedNet(nn.Module):
+    """A padded-sequence model that hands its mask to both norms (positionally and by keyword)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv1d(3, 4, 1), nn.Conv1d(4, 2, 1)
+        self.bn1, self.bn2 = normlab.BatchNorm1d(4), normlab.BatchNorm1d(2, momentum=None)
+        randomize_norms(self)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.bn1(self.conv1(x), mask))
+        return self.bn2(self.conv2(h), mask=mask)
+
+
+def padded_batches(padding: float = 100.0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x, mask, y) batches of sequences of different lengths, the padding filled with ``padding``."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n, length in ((4, 9), (6, 5), (3, 12)):
+        lengths = torch.randint(2, length + 1, (n,), generator=g)
+        mask = torch.arange(length) < lengths[:, None]
+        x = torch.randn(n, 3, length, generator=g) * 0.5 + 0.05
+        x = torch.where(mask[:, None], x, torch.full_like(x, padding))
+        out.append((x, mask, torch.zeros(n, dtype=torch.long)))
+    return out
+
+
+def masked_population(model: MaskedNet, batches) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """The oracle: the net in float64 NumPy over each batch's valid positions only (bn1 normalizing
+    with the batch's valid statistics), and each norm's input statistics over all valid positions."""
+    p = {k: v.detach().double().numpy() for k, v in model.named_parameters()}
+    rows1, rows2 = [], []
+    for x, mask, _ in batches:
+        valid = x.double().numpy().transpose(0, 2, 1)[mask.numpy()]  # (K, 3): the valid positions
+        h1 = valid @ p["conv1.weight"][:, :, 0].T + p["conv1.bias"]
+        z = (h1 - h1.mean(0)) / np.sqrt(h1.var(0) + model.bn1.eps) * p["bn1.weight"] + p["bn1.bias"]
+        rows1.append(h1)
+        rows2.append(np.maximum(z, 0) @ p["conv2.weight"][:, :, 0].T + p["conv2.bias"])
+    return [(np.concatenate(r).mean(0), np.concatenate(r).var(0, ddof=1), len(np.concatenate(r)))
+            for r in (rows1, rows2)]
+
+
+def test_recalibrate_passes_masks_through_and_counts_only_valid_positions():
+    model = MaskedNet().eval()
+    batches = padded_batches()
+    fresh, report = recalibrate_bn(model, batches, forward=lambda m, b: m(b[0], mask=b[1]), return_report=True)
+    oracle = masked_population(model, batches)
+    for bn, (mean, var, count) in zip((fresh.bn1, fresh.bn2), oracle):
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-6, atol=1e-6)
+    assert report.values == {"bn1": oracle[0][2], "bn2": oracle[1][2]}
+    assert (report.batches, report.skipped, report.used) == (3, 0, 3)
+    # The issue's failure: counted with the padding, bn1's mean is pulled towards the padding.
+    everything = torch.cat([model.conv1(x).transpose(1, 2).reshape(-1, 4) for x, _, _ in batches]).detach()
+    assert float((everything.double().mean(0) - torch.from_numpy(oracle[0][0])).abs().max()) > 10
+
+
+def test_recalibrate_masked_nan_padding_is_not_a_nonfinite_batch():
+    model = MaskedNet().eval()
+    batches = padded_batches(padding=float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no skipped-batch warning: the NaN are all padding
+        fresh, report = recalibrate_bn(model, batches, forward=lambda m, b: m(b[0], b[1]), return_report=True)
+    assert report.skipped == 0
+    mean, var, _ = masked_population(model, batches)[1]
+    np.testing.assert_allclose(fresh.bn2.running_var.double().numpy(), var, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fresh.bn2.running_mean.double().numpy(), mean, rtol=1e-6, atol=1e-6)
+
+
+def test_recalibrate_default_call_refuses_to_drop_a_mask():
+    with pytest.raises(TypeError, match=r"element 1 is a bool tensor, and the model's forward takes 'mask', but "
+                                        r"the default call model\(batch\[0\]\) would drop it.*"
+                                        r"forward=lambda model, batch: model\(batch\[0\], mask=batch\[1\]\)"):
+        recalibrate_bn(MaskedNet(), padded_batches())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_recalibrate_skips_nonfinite_batches_with_a_warning_and_a_count(bad):
+    model = mlp().eval()
+    model[5].on_nonfinite = "raise"  # the layer's own policy must neither abort nor outlive the call
+    batches = data()
+    poisoned = [b.clone() for b in batches]
+    poisoned[2][3, 1] = bad
+    with pytest.warns(NonFiniteStatisticsWarning,
+                      match=r"recalibrate_bn: skipped 1 of 4 batch\(es\) whose input to '1', '5' was not finite "
+                            r"\(NaN or inf\); they are left out of every norm's statistics \(batch indices here: 2\)"):
+        fresh, report = recalibrate_bn(model, poisoned, return_report=True)
+    assert isinstance(report, RecalibrationReport)
+    assert (report.batches, report.skipped, report.used, report.skipped_indices) == (4, 1, 3, (2,))
+    kept = [b for i, b in enumerate(batches) if i != 2]
+    for bn, (mean, var) in zip((fresh[1], fresh[5]), numpy_population(model, kept)):
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-6, atol=1e-6)
+    assert report.values == {"1": sum(len(b) for b in kept), "5": sum(len(b) for b in kept)}
+    assert fresh[5].on_nonfinite == "raise" and int(fresh[5].num_batches_skipped) == 0
+    assert "skipped 1 non-finite (indices [2])" in str(report)
+
+
+def test_recalibrate_every_batch_nonfinite_is_an_error_and_leaves_the_statistics():
+    model = mlp().eval()
+    before = snapshot(model)
+    batches = [b * float("nan") for b in data()]
+    with pytest.raises(ValueError, match=r"recalibrate_bn: every one of the 4 batch\(es\) was non-finite \(NaN or "
+                                         r"inf in the input of '1', '5'\).*left unchanged"):
+        recalibrate_bn(model, batches, inplace=True)
+    assert_untouched(model, before)
+    assert model[1].momentum == 0.3 and model[5].on_nonfinite == "warn"
+
+
+def test_recalibrate_returns_the_model_alone_by_default():
+    fresh = recalibrate_bn(mlp().eval(), data())
+    assert isinstance(fresh, nn.Sequential)  # fresh[1] is still the norm, not a report
+
+
+# --------------------------------------------------------------------------------------------
 # torch.distributed: two gloo processes on localhost
 # --------------------------------------------------------------------------------------------
 
@@ -160,15 +284,14 @@ def _check_rank_stats(stats: dict) -> None:
         np.testing.assert_allclose(stats[f"{prefix}.running_var"].double().numpy(), var, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_all_reduce_merges_ranks_exactly(monkeypatch):
-    """Two ranks as threads with an all_gather: the pooled statistics include the
-    between-rank part (fast; the real gloo test below is marked slow)."""
+def _two_thread_ranks(monkeypatch, work) -> dict:
+    """Run ``work(rank)`` for ranks 0 and 1 as threads, torch.distributed faked with an
+    all_gather between them; return ``{rank: result}``."""
     import threading
 
     dist = torch.distributed
     barrier = threading.Barrier(2)
-    slots: dict[int, torch.Tensor] = {}
+    slots: dict[str, torch.Tensor] = {}
     lock = threading.Lock()
 
     def all_gather(out, tensor):
@@ -184,13 +307,10 @@ def test_all_reduce_merges_ranks_exactly(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_gather", all_gather)
-    results: dict[int, dict] = {}
-    models = [mlp().eval(), mlp().eval()]  # built here: seeding is not thread-safe
+    results: dict[int, Any] = {}
 
     def rank(r: int) -> None:
-        batches = data()
-        fresh = recalibrate_bn(models[r], batches[:1] if r == 0 else batches[1:])
-        results[r] = {k: v for k, v in fresh.state_dict().items() if "running" in k}
+        results[r] = work(r)
 
     threads = [threading.Thread(target=rank, args=(r,), name=str(r)) for r in (0, 1)]
     for t in threads:
@@ -198,8 +318,43 @@ def test_all_reduce_merges_ranks_exactly(monkeypatch):
     for t in threads:
         t.join(timeout=60)
     assert sorted(results) == [0, 1]
-    for r in (0, 1):
-        _check_rank_stats(results[r])
+    return results
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_all_reduce_merges_ranks_exactly(monkeypatch):
+    """Two ranks as threads with an all_gather: the pooled statistics include the
+    between-rank part (fast; the real gloo test below is marked slow)."""
+    models = [mlp().eval(), mlp().eval()]  # built here: seeding is not thread-safe
+    batches = data()
+
+    def work(r: int) -> dict:
+        fresh = recalibrate_bn(models[r], batches[:1] if r == 0 else batches[1:])
+        return {k: v for k, v in fresh.state_dict().items() if "running" in k}
+
+    for stats in _two_thread_ranks(monkeypatch, work).values():
+        _check_rank_stats(stats)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_recalibrate_counts_skipped_batches_over_all_ranks(monkeypatch):
+    """Rank 0's only finite batch and rank 1's three, with one NaN batch on rank 0: every rank
+    gets the statistics of the four finite batches and the global counts (5 run, 1 skipped)."""
+    models = [mlp().eval(), mlp().eval()]
+    batches = data()
+    shares = {0: [batches[0], torch.full_like(batches[0], float("nan"))], 1: batches[1:]}
+
+    def work(r: int):
+        fresh, report = recalibrate_bn(models[r], shares[r], return_report=True)
+        return {k: v for k, v in fresh.state_dict().items() if "running" in k}, report
+
+    with warnings.catch_warnings():  # both ranks warn (catch_warnings is not thread-safe to inspect)
+        warnings.simplefilter("ignore", NonFiniteStatisticsWarning)
+        results = _two_thread_ranks(monkeypatch, work)
+    for r, (stats, report) in results.items():
+        _check_rank_stats(stats)
+        assert (report.batches, report.skipped) == (5, 1)
+        assert report.skipped_indices == ((1,) if r == 0 else ())
 
 
 @pytest.mark.slow

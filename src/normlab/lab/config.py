@@ -6,6 +6,14 @@ experiment's *arms* are named sets of overrides applied on top of the base confi
 against the field they set; an unknown key is rejected with the list of valid ones. The resolved
 config is saved as ``config.json`` in every run folder and is enough to rebuild the report.
 
+Precedence, lowest first: the experiment's config, the user's overrides (``--config`` file,
+flags, ``--set``), a grid point's values, an arm's overrides. So a user's value for a key that
+every arm sets, or that is a grid axis, would reach no job while ``config.json`` recorded it:
+:func:`check_user_overrides` rejects such keys (``ConfigError`` naming the arms and what each
+sets, or the grid axis and its values, and how to get what was likely meant). A key that only
+some arms set reaches the others, which is how a baseline arm is changed; that is allowed with a
+:class:`OverrideWarning` naming the arms that keep their own value.
+
 >>> from normlab.lab.config import ExperimentConfig, apply_overrides
 >>> cfg = apply_overrides(ExperimentConfig(experiment="demo"), {"train.lr": "0.5", "model.widths": "[50, 50]"})
 >>> cfg.train.lr, cfg.model.widths
@@ -19,6 +27,8 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +44,11 @@ __all__ = [
     "TrainConfig",
     "ExperimentConfig",
     "ConfigError",
+    "OverrideWarning",
     "apply_overrides",
     "arm_config",
     "check_grid",
+    "check_user_overrides",
     "grid_points",
     "point_config",
     "config_from_dict",
@@ -49,6 +61,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A bad override or config file: the message says which key, what was given and what is valid."""
+
+
+class OverrideWarning(UserWarning):
+    """A user's override reaches only some arms: the others set the key themselves."""
 
 
 @dataclass
@@ -212,6 +228,98 @@ def arm_config(config: ExperimentConfig, arm: str, point: dict[str, Any] | None 
         raise ConfigError(f"unknown arm {arm!r}; this experiment's arms are {list(config.arms)}.")
     config = point_config(config, point or {})
     return apply_overrides(config, config.arms[arm])
+
+
+def _value(config: ExperimentConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return config.params.get(name) if section == "params" else getattr(getattr(config, section), name, None)
+
+
+def _toml(value: Any) -> str:
+    """A value as TOML writes it, for the examples in messages (JSON is TOML for these types)."""
+    return "VALUE" if value is None else json.dumps(value)  # TOML has no null: the user fills it in
+
+
+def _short(values: list[Any], limit: int = 6) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def check_user_overrides(config: ExperimentConfig, given: Mapping[str, str] | Iterable[str],
+                         derived: Mapping[str, str] | None = None) -> None:
+    """Reject user overrides that no job would train with; warn about those only some arms take.
+
+    A job's config is the user's config, then its grid point, then its arm's overrides
+    (:func:`arm_config`), so the user's value of a key is ignored wherever a later step sets it:
+
+    * a grid axis: every job sets it from the grid -> ``ConfigError``;
+    * a key every arm sets -> ``ConfigError``, naming each arm and what it sets;
+    * a key some arms set -> allowed (it changes the other arms, e.g. a baseline), with an
+      :class:`OverrideWarning` naming the arms that keep their own value;
+    * a key the experiment derives from others in every job (``derived``, its
+      :attr:`~normlab.lab.experiments.base.Experiment.derived`) -> ``ConfigError`` naming the rule.
+
+    Call it on the final config (after the user's overrides, ``--config`` arms and grid), with
+    the keys the user gave.
+
+    Args:
+        config: the resolved config, arms and grid included.
+        given: the user's keys, each mapped to how it was given for the message (e.g.
+            ``{"model.norm": "--set model.norm=group"}``), or just the keys.
+        derived: keys the experiment sets in every job by a rule, mapped to the rule in words.
+
+    Raises:
+        ConfigError: a key that is a grid axis, that every arm sets, or that the experiment derives.
+
+    >>> arms = {"none": {"model.norm": "none"}, "bn": {"model.norm": "batch"}}
+    >>> cfg = ExperimentConfig(experiment="demo", arms=arms)
+    >>> given = {"train.lr": "--set train.lr=0.1"}
+    >>> check_user_overrides(apply_overrides(cfg, {"train.lr": "0.1"}), given)  # no arm sets train.lr: fine
+    >>> given = {"model.norm": "--set model.norm=group"}
+    >>> try:
+    ...     check_user_overrides(apply_overrides(cfg, {"model.norm": "group"}), given)
+    ... except ConfigError as err:
+    ...     print(str(err)[:122])
+    --set model.norm=group would be ignored: every arm of experiment 'demo' sets model.norm itself (none: 'none', bn: 'batch')
+    """
+    origins = dict(given) if isinstance(given, Mapping) else {key: f"the override {key}" for key in given}
+    for key, origin in origins.items():
+        value = _value(config, key)
+        if derived and key in derived:
+            raise ConfigError(
+                f"{origin} would be ignored: experiment {config.experiment!r} derives {key} in every job "
+                f"({derived[key]}), so no job would train with {value!r}; change what it is derived from instead."
+            )
+        if key in config.grid:
+            values = list(config.grid[key])
+            raise ConfigError(
+                f"{origin} would be ignored: {key} is a grid axis of experiment {config.experiment!r} "
+                f"(values {_short(values)}), and every job trains at one of the grid's values, so none would "
+                f"use {value!r} while config.json recorded it. To train at values of your choice, give the "
+                f"grid in a file, normlab run {config.experiment} --config FILE.toml with "
+                f"[grid] \"{key}\" = [{_toml(value)}] (it replaces the experiment's grid); or override a key that "
+                f"is no grid axis (the grid sets: {', '.join(config.grid)})."
+            )
+        setters = {arm: body[key] for arm, body in config.arms.items() if key in body}
+        if not setters:
+            continue
+        sets = ", ".join(f"{arm}: {v!r}" for arm, v in setters.items())
+        if len(setters) == len(config.arms):
+            arm_keys = sorted({k for body in config.arms.values() for k in body})
+            raise ConfigError(
+                f"{origin} would be ignored: every arm of experiment {config.experiment!r} sets {key} itself "
+                f"({sets}), so no job would train with {value!r} while config.json recorded it. To compare "
+                f"other values, define the arms in a file, normlab run {config.experiment} --config FILE.toml "
+                f"with [arms.mine] \"{key}\" = {_toml(value)} (it replaces the experiment's arms), or pick an "
+                f"experiment whose arms set what you want (normlab list); or override a key the arms leave "
+                f"alone (they set: {', '.join(arm_keys)})."
+            )
+        others = [arm for arm in config.arms if arm not in setters]
+        warnings.warn(
+            f"{origin} reaches only arm(s) {', '.join(others)} of experiment {config.experiment!r}; "
+            f"the others set {key} themselves ({sets}) and keep their own value.",
+            OverrideWarning, stacklevel=2,
+        )
 
 
 def check_grid(config: ExperimentConfig) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .claims import CLAIMS
-from .config import ConfigError, ExperimentConfig, apply_overrides
+from .config import ConfigError, ExperimentConfig, apply_overrides, check_user_overrides
 from .experiments import all_experiments
 from .experiments.base import Experiment, Summary
 from .runfiles import atomic_write_text
@@ -48,7 +48,10 @@ class SuiteOptions:
 
     def config(self, experiment: Experiment) -> ExperimentConfig:
         base = experiment.quick_config() if self.quick else experiment.default_config()
-        return apply_overrides(base, self.overrides)
+        config = apply_overrides(base, self.overrides)
+        given = {key: f"normlab reproduce's {key}={value}" for key, value in self.overrides.items()}
+        check_user_overrides(config, given, experiment.derived)
+        return config
 
 
 def select_experiments(claims: Sequence[str] | None = None, names: Sequence[str] | None = None) -> list[Experiment]:

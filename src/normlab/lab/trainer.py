@@ -126,11 +126,13 @@ class Job:
 
     @property
     def steps(self) -> int:
-        return int(self.config["train"]["steps"])
+        return int(self.train_config().train.steps)
 
     def train_config(self) -> ExperimentConfig:
-        """The config this job trains with (base, grid point, arm; no grid)."""
-        return arm_config(config_from_dict(self.config), self.arm, dict(self.point))
+        """The config this job trains with (base, grid point, arm, then the experiment's
+        :meth:`~normlab.lab.experiments.base.Experiment.job_config`; no grid)."""
+        config = arm_config(config_from_dict(self.config), self.arm, dict(self.point))
+        return get_experiment(self.experiment).job_config(config)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,6 +251,12 @@ def run_job(
         return list(state["rows"])
     if stop():
         raise Interrupted(f"stopped before {job.label}")
+    if type(experiment).custom_job is not Experiment.custom_job:
+        with one_thread():
+            custom = experiment.custom_job(job, data)
+        if custom is not None:
+            progress(steps)
+            return custom
 
     with one_thread():
         torch.manual_seed(job.seed)
@@ -281,9 +289,12 @@ def run_job(
             trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         probes = [probe.attach(model) for probe in experiment.probes(cfg, job.arm)]
 
+        def measure() -> dict[str, float]:
+            return experiment.measurements(model, data, cfg, job.arm)
+
         def evaluate(train_loss, train_sd, diverged=False):
             if team.main:
-                rows.append(_evaluate(model, data, probes, job, step, train_loss, train_sd, wall, diverged))
+                rows.append(_evaluate(model, data, probes, job, step, train_loss, train_sd, wall, diverged, measure))
 
         def save(diverged=False):
             if team.main:
@@ -347,7 +358,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, diverged) -> dict[str, Any]:
+def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, diverged,
+              measure: Callable[[], dict[str, float]] = dict) -> dict[str, Any]:
     model.eval()
     total_loss, correct, n = 0.0, 0, len(data.y_test)
     for start in range(0, n, 2000):
@@ -359,6 +371,7 @@ def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, d
     values: dict[str, float | None] = {}
     for read, _ in probes:
         values.update({key: _finite(float(v)) for key, v in read().items()})  # strict JSON: NaN becomes null
+    values.update({key: _finite(float(v)) for key, v in measure().items()})
     row: dict[str, Any] = {"step": step, "arm": job.arm, "seed": job.seed}
     if job.point:
         row["point"] = dict(job.point)

@@ -25,7 +25,7 @@ from .diagnose import (
 from .importers import batchnorm_from_flax, batchnorm_from_keras
 from ..layers.kinds import is_batchnorm
 from .fold import FoldedPair, FoldReport, FoldResult, SkippedNorm, fold_batchnorm, fold_weights
-from .recalibrate import recalibrate_bn
+from .recalibrate import RecalibrationReport, RecalibrationResult, recalibrate_bn
 from .sync import convert_sync_batchnorm
 from .walk import find_modules, replace_modules
 
@@ -36,6 +36,8 @@ __all__ = [
     "FoldedPair",
     "GradNorms",
     "Problem",
+    "RecalibrationReport",
+    "RecalibrationResult",
     "SkippedNorm",
     "StatsGap",
     "TrainEvalGap",

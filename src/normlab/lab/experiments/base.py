@@ -143,6 +143,9 @@ class Experiment(abc.ABC):
     description: str = ""
     claims: tuple[str, ...] = ()  # the ids of the claims tested (normlab.lab.claims.CLAIMS)
     figures: tuple[FigureSpec, ...] = ()
+    # Config keys that job_config sets in every job, mapped to the rule in words (a user's
+    # override of them would be ignored, so the command line rejects it).
+    derived: dict[str, str] = {}
 
     @abc.abstractmethod
     def default_config(self) -> "ExperimentConfig":
@@ -154,6 +157,32 @@ class Experiment(abc.ABC):
 
     def probes(self, config: "ExperimentConfig", arm: str) -> list[Probe]:
         return []
+
+    def job_config(self, config: "ExperimentConfig") -> "ExperimentConfig":
+        """The config one job trains with, given its arm's config at its grid point.
+
+        Override to derive settings that follow from others by a declared rule (e.g. Wu & He's
+        learning rate scaled with the batch size, or equal epochs at every batch size); the
+        default returns ``config`` unchanged. Must be a pure function of ``config``. List every
+        key it sets in :attr:`derived`.
+        """
+        return config
+
+    def measurements(self, model: "nn.Module", data: Any, config: "ExperimentConfig", arm: str) -> dict[str, float]:
+        """Extra values recorded at every evaluation, beside the probes' (``row["probes"]``).
+
+        Called with the model in eval mode, under ``torch.no_grad()``, after the test metrics;
+        ``data`` is the job's :class:`~normlab.lab.data.Dataset`. A measurement that needs the
+        model in training mode or gradients must work on a copy (``copy.deepcopy(model)``) and
+        enable them itself. The default measures nothing.
+        """
+        return {}
+
+    def custom_job(self, job: Any, data: Any) -> list[dict[str, Any]] | None:
+        """Rows of a job that is not a training run (e.g. a measurement of time and memory), or
+        None (default) to train. Runs with one torch thread, like every job; each row needs at
+        least ``step``, ``arm`` and ``seed`` (and ``point`` with a grid)."""
+        return None
 
     @abc.abstractmethod
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:
