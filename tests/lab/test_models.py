@@ -66,3 +66,14 @@ def test_bad_model_configs(field, value, match):
     setattr(config, field, value)
     with pytest.raises(ConfigError, match=match):
         build_model(config, (1, 4, 4), 3)
+
+
+@pytest.mark.parametrize("norm, expected", [("renorm", "BatchRenorm2d"), ("ghost", "GhostBatchNorm2d"),
+                                            ("batch_act", "BatchNormAct2d"), ("frozen", "FrozenBatchNorm2d")])
+def test_cnn_builds_the_rank_of_every_rank_dependent_norm(norm, expected):
+    """A CNN's norm must be the 2-D class: BatchRenorm1d on (N, C, H, W) input is an error."""
+    import torch
+
+    model = build_model(ModelConfig(kind="cnn", widths=[4, 8], norm=norm), (1, 8, 8), 3)
+    assert type(model.blocks[0].norm).__name__ == expected
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 3)

@@ -75,11 +75,15 @@ def check_model_config(config: ModelConfig) -> None:
         raise ConfigError(f"model.init_gain must be > 0 or none (init_std or torch's default), got {config.init_gain!r}.")
 
 
+# The registry's families whose class depends on the input rank (BatchNorm1d vs 2d, ...).
+_RANKED = ("batch", "instance", "frozen", "batch_act", "renorm", "ghost")
+
+
 def _norm(config: ModelConfig, channels: int, spatial: int) -> nn.Module | None:
     if config.norm == "none":
         return None
     name = config.norm
-    if name in ("batch", "instance"):
+    if name in _RANKED:
         return get_norm(name, channels, dim=max(1, spatial))
     if name == "layer" and spatial:
         return get_norm("group", channels, num_groups=1)  # layer norm over (C, H, W)
