@@ -136,7 +136,7 @@ _FLAG_NAMES = {"train.sync_bn": "--sync-bn", "train.steps": "--steps", "train.se
 
 def _resolve_config(args):
     from .lab.config import apply_overrides, check_user_overrides, load_toml_overrides, parse_set
-    from .lab.experiments.base import get_experiment
+    from .lab.experiments.registry import get_experiment
 
     experiment = get_experiment(args.experiment)
     config = experiment.quick_config() if args.quick else experiment.default_config()
@@ -336,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reproduce":
             return _cmd_reproduce(args)
         if args.command == "inspect":
-            from .surgery.commands import inspect_checkpoint
+            from .lab.checkpoint import inspect_checkpoint
 
             print(inspect_checkpoint(args.checkpoint))
             return EXIT_OK
         if args.command == "fold":
-            from .surgery.commands import fold_checkpoint
+            from .lab.checkpoint import fold_checkpoint
 
             print(fold_checkpoint(args.checkpoint, args.out, arm=args.arm))
             return EXIT_OK

@@ -21,7 +21,7 @@ from normlab.lab.config import (
     parse_set,
     valid_keys,
 )
-from normlab.lab.experiments.base import get_experiment
+from normlab.lab.experiments.registry import get_experiment
 
 
 def base() -> ExperimentConfig:

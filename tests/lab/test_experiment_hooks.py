@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normlab.lab.experiments.base import EXPERIMENTS
+from normlab.lab.experiments.registry import EXPERIMENTS
 from normlab.lab.trainer import Trainer
 
 from .small import EXPERIMENT, small_config

@@ -13,7 +13,7 @@ import pytest
 
 from normlab.lab.config import ConfigError
 from normlab.lab.runfiles import read_jsonl
-from normlab.lab import trainer as trainer_module
+from normlab.lab import job as job_module
 from normlab.lab.trainer import BatchSampler, Interrupted, Trainer
 
 from .small import EXPERIMENT, SMALL, small_config
@@ -61,7 +61,7 @@ def test_arms_of_one_seed_share_initial_weights(reference_rows):
 def test_resume_after_in_process_interruption_gives_the_same_metrics(tmp_path, reference_rows, monkeypatch):
     run = tmp_path / "run"
     trainer = Trainer(EXPERIMENT, small_config(), run, progress=False)
-    evaluate = trainer_module._evaluate
+    evaluate = job_module._evaluate
     calls = {"n": 0}
 
     def evaluate_then_signal(*args):
@@ -70,10 +70,10 @@ def test_resume_after_in_process_interruption_gives_the_same_metrics(tmp_path, r
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would: the job checkpoints and stops
         return evaluate(*args)
 
-    monkeypatch.setattr(trainer_module, "_evaluate", evaluate_then_signal)
+    monkeypatch.setattr(job_module, "_evaluate", evaluate_then_signal)
     with pytest.raises(Interrupted, match="checkpoint saved"):
         trainer.run()
-    monkeypatch.setattr(trainer_module, "_evaluate", evaluate)
+    monkeypatch.setattr(job_module, "_evaluate", evaluate)
     finished_before = [r for r in read_jsonl(run / "metrics.jsonl") if r["arm"] == "none" and r["seed"] == 0]
     resumed = Trainer(EXPERIMENT, small_config(), run, resume=True, progress=False).run()
     assert comparable(resumed) == comparable(reference_rows)

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from .job import Interrupted, Job, RunPaths, run_job
 from .runfiles import atomic_write_text
 
 if TYPE_CHECKING:
     from .data import Dataset
     from .distributed import Team
-    from .trainer import Job
 
 __all__ = ["Executor", "InlineExecutor", "JobFailed", "ProcessExecutor", "default_jobs", "make_executor"]
 
@@ -85,8 +85,6 @@ def stop_on_signals(request_stop: Callable[[], None]) -> Iterator[None]:
 
 def write_traceback(job: "Job", text: str) -> Path:
     """Write a failed job's traceback into its run folder's ``errors/``; return the path."""
-    from .trainer import RunPaths
-
     path = RunPaths(Path(job.run_dir)).error(job.key)
     atomic_write_text(path, f"{job.label}\n\n{text}")
     return path
@@ -116,8 +114,6 @@ class InlineExecutor(Executor):
         self.team = team
 
     def run(self, jobs, *, done, progress, data_of=lambda job: None) -> None:
-        from .trainer import Interrupted, run_job
-
         flag = {"stop": False}
         with stop_on_signals(lambda: flag.update(stop=True)):
             for job in jobs:
@@ -163,8 +159,6 @@ class _Outcome:
 
 
 def _work(job: "Job") -> _Outcome:
-    from .trainer import Interrupted, run_job
-
     _EVENTS.put(("start", job.key + "\0" + job.run_dir, os.getpid()))
     try:
         rows = run_job(job, stop=_STOP.is_set, progress=lambda n: _EVENTS.put(("steps", "", n)))
@@ -186,8 +180,6 @@ class ProcessExecutor(Executor):
         self.workers = workers
 
     def run(self, jobs, *, done, progress, data_of=lambda job: None) -> None:
-        from .trainer import Interrupted
-
         if not jobs:
             return
         context = multiprocessing.get_context("spawn")

@@ -36,7 +36,8 @@ from typing import Any, Iterable
 
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-from .experiments.base import Experiment, FigureSpec, Summary, get_experiment
+from .experiments.base import Experiment, FigureSpec, Summary
+from .experiments.registry import get_experiment
 from .rows import best, final, group_jobs
 from .rows import value as _value
 from .runfiles import atomic_write_bytes, atomic_write_text, read_jsonl

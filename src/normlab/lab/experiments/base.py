@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..verdicts import Finding, combine
+from .registry import EXPERIMENTS, get_experiment, register  # noqa: F401 (the registry's names, for convenience)
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..config import ExperimentConfig
 
-__all__ = ["Experiment", "FigureSpec", "Probe", "Summary", "EXPERIMENTS", "get_experiment", "register"]
+__all__ = ["Experiment", "FigureSpec", "Probe", "Summary"]
 
 
 @dataclass
@@ -187,22 +188,3 @@ class Experiment(abc.ABC):
     @abc.abstractmethod
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:
         """See the class docstring."""
-
-
-EXPERIMENTS: dict[str, Experiment] = {}
-
-
-def register(experiment: Experiment) -> Experiment:
-    """Add an experiment to the registry under its name."""
-    EXPERIMENTS[experiment.name] = experiment
-    return experiment
-
-
-def get_experiment(name: str) -> Experiment:
-    """The experiment called ``name``; a ``ValueError`` lists the valid names otherwise."""
-    from . import all_experiments
-
-    all_experiments()
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; valid experiments are {sorted(EXPERIMENTS)} (normlab list).")
-    return EXPERIMENTS[name]

@@ -42,7 +42,8 @@ from typing import Any
 from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from ..intervals import mean_ci
 from ..verdicts import Rule
-from .base import Experiment, FigureSpec, Summary, register
+from .base import Experiment, FigureSpec, Summary
+from .registry import register
 from .common import axis_widths, censor_notes, curve_note, fmt_value, log_grid, mean_by_value
 
 __all__ = ["InitScale", "STANDARD_GAINS"]

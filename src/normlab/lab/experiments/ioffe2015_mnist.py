@@ -22,7 +22,8 @@ from ..intervals import geometric_mean_ci, mean_ci
 from ..probes import percentile_probe
 from ..rows import steps_to
 from ..verdicts import Rule
-from .base import Experiment, FigureSpec, Probe, Summary, register
+from .base import Experiment, FigureSpec, Probe, Summary
+from .registry import register
 
 __all__ = ["IoffeMnist"]
 

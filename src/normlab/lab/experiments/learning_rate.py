@@ -44,7 +44,8 @@ from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from ..intervals import geometric_mean_ci, mean_ci
 from ..rows import group_jobs, steps_to
 from ..verdicts import Rule
-from .base import Experiment, FigureSpec, Summary, register
+from .base import Experiment, FigureSpec, Summary
+from .registry import register
 from .common import axis_widths, censor_notes, curve_note, fmt_value, job_of, log_grid
 
 __all__ = ["LearningRateSensitivity"]

@@ -35,7 +35,8 @@ from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, app
 from ..intervals import geometric_mean_ci, mean_ci
 from ..rows import diverged, final, steps_to
 from ..verdicts import Finding, Rule, combine
-from .base import Experiment, FigureSpec, Summary, register
+from .base import Experiment, FigureSpec, Summary
+from .registry import register
 from .common import grid_inputs, job_rows
 
 __all__ = ["Placement"]

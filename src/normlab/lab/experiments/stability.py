@@ -60,7 +60,8 @@ from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, app
 from ..intervals import clopper_pearson, geometric_mean_ci, mean_ci, sd_ratio_ci
 from ..rows import JobId, diverged, final, group_jobs, value
 from ..verdicts import Finding, Rule
-from .base import Experiment, FigureSpec, Summary, register
+from .base import Experiment, FigureSpec, Summary
+from .registry import register
 
 __all__ = ["Stability", "accuracy_spread", "loss_variation"]
 

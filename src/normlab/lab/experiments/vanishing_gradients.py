@@ -38,7 +38,8 @@ from ..intervals import mean_ci
 from ..probes import grad_norm_probe
 from ..rows import diverged, final, value
 from ..verdicts import Finding, Rule, combine
-from .base import Experiment, FigureSpec, Probe, Summary, register
+from .base import Experiment, FigureSpec, Probe, Summary
+from .registry import register
 from .common import grid_inputs, job_rows
 
 __all__ = ["VanishingGradients"]

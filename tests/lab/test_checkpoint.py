@@ -10,9 +10,10 @@ from torch import nn
 
 from normlab.lab.config import ExperimentConfig, apply_overrides, arm_config, config_from_dict, config_to_dict
 from normlab.lab.models import build_model
-from normlab.surgery.commands import CheckpointError, fold_checkpoint, inspect_checkpoint
+from normlab.lab.checkpoint import fold_checkpoint, inspect_checkpoint
+from normlab.surgery.statefile import CheckpointError
 
-from .helpers import assert_relative_close, randomize_norms
+from surgery.helpers import assert_relative_close, randomize_norms  # tests/ is on sys.path (rootdir)
 
 
 def lab_config(kind: str = "mlp", placement: str = "before") -> ExperimentConfig:
