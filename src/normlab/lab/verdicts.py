@@ -40,7 +40,7 @@ and the finding's ``reason`` says why in words.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 __all__ = ["VERDICTS", "Finding", "Rule", "combine"]
