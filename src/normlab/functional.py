@@ -10,7 +10,9 @@ kernel (``torch.batch_norm``, ``F.layer_norm``, ``F.group_norm``, ``F.instance_n
 * statistics of float16/bfloat16 input are accumulated in float32, the output keeps the input's
   dtype, and running statistics keep their own (float32) dtype;
 * a batch whose statistics are not finite leaves the running statistics as they were (the
-  returned ``updated`` flag says so) without a host synchronization;
+  returned ``updated`` flag, a bool tensor, says so), with a select on the device: no host
+  synchronization and no data-dependent branch, so the guard holds in eager code, under
+  ``torch.compile`` (``fullgraph=True`` included) and in CUDA graphs;
 * on the CPU, where torch's kernel sums channel-innermost data (2-D input, channels_last)
   naively and loses precision with large batches or offsets, the batch statistics and the
   gradient's sums are accumulated blockwise (:func:`channel_mean_var`), by normlab's compiled
@@ -235,6 +237,28 @@ def _compiling() -> bool:
     return _is_compiling is not None and _is_compiling()
 
 
+def _finite_flag(a: Tensor, b: Tensor) -> Tensor:
+    """A bool scalar tensor on ``a``'s device: True when every value of ``a`` and ``b`` (same
+    shape) is finite. No host synchronization, no data-dependent branch: callers select with
+    ``torch.where(flag, new, old)`` and count with ``count + flag``, which CUDA graphs and
+    ``torch.compile(fullgraph=True)`` take as they are. A sum that overflows to inf reads as not
+    finite; such a batch would poison the running statistics anyway.
+
+    >>> import torch
+    >>> bool(_finite_flag(torch.ones(2), torch.tensor([1.0, float("nan")])))
+    False
+    """
+    total = torch.sum(a + b)
+    if _compiling():
+        # Not ``total * 0 == 0``: Inductor folds a product with the integer 0 to the constant 0
+        # (joint-graph constant folding, blind to NaN and inf), which made every batch "finite"
+        # in compiled code. isfinite keeps its meaning under every backend.
+        return torch.isfinite(total)
+    # Eager: a sum times zero is zero exactly when the sum is finite (NaN and inf give NaN). Two
+    # small ops, against isfinite's four kernels on accelerators (==, abs, !=, &).
+    return total.mul_(0) == 0
+
+
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
@@ -431,7 +455,7 @@ def _kernel_updates_stats(x, weight, bias, running_mean, running_var, momentum, 
         if not worst <= _PRECISE_CONDITION:
             return None
         return out, mean, var, _TRUE
-    updated = torch.sum(save_mean + save_invstd).mul_(0) == 0  # see batch_norm
+    updated = _finite_flag(save_mean, save_invstd)
     return out, torch.where(updated, mean, running_mean), torch.where(updated, var, running_var), updated
 
 
@@ -573,9 +597,7 @@ def batch_norm(
     new_mean, new_var = update_running_stats(
         running_mean, running_var, batch_mean, batch_var, n, momentum, count, unbiased
     )
-    # A sum times zero is zero exactly when every term is finite (NaN and inf give NaN); an
-    # overflowing sum would be a lost batch anyway. Fewer small ops than isfinite().all().
-    updated = torch.sum(batch_mean + batch_var).mul_(0) == 0
+    updated = _finite_flag(batch_mean, batch_var)
     # torch.where keeps the last good statistics without asking the host which branch to take.
     new_mean = torch.where(updated, new_mean, running_mean)
     new_var = torch.where(updated, new_var, running_var)
@@ -647,7 +669,7 @@ def instance_norm(
         return InstanceNormResult(out, running_mean, running_var, None)
     rm, rv = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     out = F.instance_norm(input, rm, rv, w, b, True, momentum, eps)
-    updated = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+    updated = _finite_flag(rm, rv)
     new_mean = torch.where(updated, rm.to(running_mean.dtype), running_mean)
     new_var = torch.where(updated, rv.to(running_var.dtype), running_var)
     return InstanceNormResult(out, new_mean, new_var, updated)
@@ -961,7 +983,7 @@ def _guarded_update(
     new_mean, new_var = update_running_stats(
         running_mean, running_var, batch_mean, batch_var, n, momentum, count, unbiased
     )
-    updated = torch.sum(batch_mean + batch_var).mul_(0) == 0  # see batch_norm
+    updated = _finite_flag(batch_mean, batch_var)
     new_mean = torch.where(updated, new_mean, running_mean)
     new_var = torch.where(updated, new_var, running_var)
     new_count = None if num_batches_tracked is None else num_batches_tracked + updated
@@ -1191,7 +1213,7 @@ def batch_renorm(
         updated = _TRUE
         new_count = None if num_batches_tracked is None else num_batches_tracked + 1
     else:
-        updated = torch.sum(mean + var).mul_(0) == 0  # finite statistics, as in batch_norm
+        updated = _finite_flag(mean, var)
         new_mean = torch.where(updated, new_mean, running_mean)
         new_var = torch.where(updated, new_var, running_var)
         new_count = None if num_batches_tracked is None else num_batches_tracked + updated
@@ -1307,7 +1329,7 @@ def _ghost_kernel_path(x, weight, bias, running_mean, running_var, update, sizes
             return None
         updated = _TRUE
     else:
-        updated = torch.sum(means + invstds).mul_(0) == 0
+        updated = _finite_flag(means, invstds)
     if not update:
         return BatchNormResult(out, running_mean, running_var, num_batches_tracked, None)
     if updated is _TRUE:

@@ -98,12 +98,19 @@ class RunningStatsLayer(NormLayer):
     * Running statistics stay float32 when the module is cast to float16/bfloat16
       (``model.half()``) or built with such a dtype: 16-bit EMAs lose the small updates.
     * ``on_nonfinite`` says what a training batch with non-finite statistics does: it never
-      changes the running statistics; ``"warn"`` (default) warns naming the layer, ``"skip"`` is
-      silent, ``"raise"`` raises ``FloatingPointError`` (a host synchronization per batch on
-      accelerators). Skipped batches are counted in the non-persistent buffer
-      ``num_batches_skipped``. On CPU the warning comes at once; on accelerators it comes when the
+      changes the running statistics or ``num_batches_tracked``, in eager or compiled code;
+      ``"warn"`` (default) warns naming the layer, ``"skip"`` is silent, ``"raise"`` raises
+      ``FloatingPointError`` (a host synchronization per batch on accelerators). Skipped batches
+      are counted in the non-persistent buffer ``num_batches_skipped``, on the device. In eager
+      CPU code the warning (or error) comes at once; on accelerators the warning comes when the
       layer leaves training mode (``model.eval()``), so the training step stays free of
       synchronization.
+    * Under ``torch.compile`` (default or ``fullgraph=True``; CUDA graphs too) the guard is a
+      select on the device, the count grows on the device, and the report is deferred to
+      ``model.eval()``: ``"warn"`` warns there. ``"raise"`` cannot stop a compiled step (that
+      would need a host read and a graph break), so the bad batch is skipped and counted like
+      the others, and ``model.eval()`` raises the ``FloatingPointError`` for it, after this
+      layer has left training mode. Read ``num_batches_skipped`` to check earlier.
     * Recompute-safe: a forward that runs inside the backward pass, as
       ``torch.utils.checkpoint`` (``use_reentrant=True`` or ``False``) recomputes it, leaves the
       running statistics and the batch count as the original forward left them, so they take
@@ -123,6 +130,7 @@ class RunningStatsLayer(NormLayer):
             persistent=False,
         )
         self._reported_skips = 0
+        self._last_train_mode = True  # the mode of the last train() call (see train)
         self._keep_stats_float32()
 
     def _stats_device(self) -> torch.device | None:
@@ -152,10 +160,16 @@ class RunningStatsLayer(NormLayer):
         self, running_mean: Tensor, running_var: Tensor, updated: Tensor, num_batches_tracked: Tensor | None = None
     ) -> None:
         """Write new running statistics (and the batch count, if given) into the buffers, unless
-        this forward is a recomputation inside backward (see the class docstring)."""
+        this forward is a recomputation inside backward (see the class docstring).
+
+        ``updated`` is the functional's flag: the new statistics were already kept at the old
+        values where it is False, so the writes need no branch; only the report asks the host,
+        and only where that is free (eager CPU) or asked for (``"raise"`` in eager code)."""
         if in_backward():
             return
-        if self.on_nonfinite == "raise" and not bool(updated):
+        # A compiled graph cannot raise on a device value without a host read and a graph break:
+        # there the batch is counted below and the error comes at model.eval() (see train).
+        if self.on_nonfinite == "raise" and updated is not _TRUE and not _compiling() and not bool(updated):
             raise FloatingPointError(
                 f"{self._label()}: the batch statistics are not finite (NaN or inf in the input or "
                 f"in an earlier layer); the running statistics were left unchanged. Construct the "
@@ -167,33 +181,54 @@ class RunningStatsLayer(NormLayer):
         buffers["running_var"].copy_(running_var.detach())
         if num_batches_tracked is not None:
             buffers["num_batches_tracked"].copy_(num_batches_tracked)
-        if updated is _TRUE:  # the CPU fast path's answer, known on the host
+        if updated is _TRUE:  # the eager CPU fast path's answer, known on the host
             return
-        if updated.device.type == "cpu" and not _compiling():
-            if not bool(updated):  # free on the CPU: count and warn at once
-                buffers["num_batches_skipped"].add_(1)
-                if self.on_nonfinite == "warn":
-                    self._report_skips()
-        else:  # accelerators: count on the device, report when leaving training mode
+        if _compiling() or updated.device.type != "cpu":
+            # Count on the device (a bool adds 0 or 1); report when leaving training mode.
             buffers["num_batches_skipped"].add_(~updated)
+        elif not bool(updated):  # free on the CPU: count and warn at once
+            buffers["num_batches_skipped"].add_(1)
+            if self.on_nonfinite == "warn":
+                self._report_skips()
 
     def _report_skips(self) -> None:
+        """Warn (``"warn"``) or raise (``"raise"``) about the batches skipped since the last
+        report; one host read of the count."""
         skipped = int(self.num_batches_skipped)
-        if skipped > self._reported_skips:
-            warnings.warn(
-                f"{self._label()}: {skipped - self._reported_skips} training batch(es) had non-finite "
-                f"statistics (NaN or inf in the input or an earlier layer); the running statistics "
-                f"kept their last finite values. Find the source with torch.autograd.detect_anomaly "
-                f"or normlab.name_layers(model) to see which layer this is.",
-                NonFiniteStatisticsWarning,
-                stacklevel=4,
+        new = skipped - self._reported_skips
+        if new <= 0:
+            return
+        self._reported_skips = skipped
+        if self.on_nonfinite == "raise":  # only compiled steps defer it (see the class docstring)
+            raise FloatingPointError(
+                f"{self._label()}: {new} training batch(es) had non-finite statistics (NaN or inf in "
+                f"the input or an earlier layer) in compiled code (torch.compile), where "
+                f"on_nonfinite='raise' cannot stop the step without a host synchronization; they "
+                f"were skipped (the running statistics kept their last finite values and "
+                f"num_batches_tracked did not count them) and are reported now, as the layer leaves "
+                f"training mode. Check layer.num_batches_skipped during training to stop earlier, or "
+                f"use on_nonfinite='warn' or 'skip'."
             )
-            self._reported_skips = skipped
+        warnings.warn(
+            f"{self._label()}: {new} training batch(es) had non-finite "
+            f"statistics (NaN or inf in the input or an earlier layer); the running statistics "
+            f"kept their last finite values. Find the source with torch.autograd.detect_anomaly "
+            f"or normlab.name_layers(model) to see which layer this is.",
+            NonFiniteStatisticsWarning,
+            stacklevel=4,
+        )
 
     def train(self, mode: bool = True):
-        if not mode and self.training and self.on_nonfinite == "warn":
-            self._report_skips()  # deferred report for accelerators: one synchronization per switch
-        return super().train(mode)
+        # The deferred report (accelerators, compiled code): one host read when the layer
+        # leaves training. self.training alone cannot tell: the wrapper of torch.compile(layer)
+        # sets the layer's flag itself before calling this, so the mode of the last train() call
+        # counts too. The mode switches first, so a "raise" report leaves the layer in eval mode.
+        was_training = self.training or getattr(self, "_last_train_mode", True)
+        self._last_train_mode = mode
+        result = super().train(mode)
+        if not mode and was_training and self.on_nonfinite != "skip":
+            self._report_skips()
+        return result
 
 
 def check_momentum(owner: str, momentum: float | None) -> None:

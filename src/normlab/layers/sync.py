@@ -251,7 +251,7 @@ class _SyncMixin:
             self.running_mean, self.running_var, mean, stored_var, n=0, momentum=self.momentum,
             num_batches_tracked=count, unbiased=False,  # n unused: the variance is already as stored
         )
-        updated = torch.sum(mean + var).mul_(0) == 0  # finite exactly when every term is
+        updated = NF._finite_flag(mean, var)  # on the device: no synchronization, no branch
         self._store_stats(torch.where(updated, new_mean, self.running_mean),
                           torch.where(updated, new_var, self.running_var), updated, count + updated)
 
