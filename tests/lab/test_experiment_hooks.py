@@ -59,3 +59,28 @@ def test_custom_job_rows_replace_training(tmp_path, registered):
     assert sorted((r["arm"], r["seed"], r["test_acc"]) for r in rows) == [
         ("batch", 0, 0.25), ("batch", 1, 1.25), ("none", 0, 0.25), ("none", 1, 1.25)]
     assert {r["threads"] for r in rows} == {1}
+
+
+class Refusing(type(EXPERIMENT)):
+    name = "refusing"
+
+    def job_config(self, config):
+        if config.model.norm == "batch":
+            from normlab.lab.config import ConfigError
+
+            raise ConfigError("refusing: the batch arm cannot train with this config")
+        return config
+
+
+def test_a_job_config_error_stops_the_run_before_its_folder_exists(tmp_path):
+    from normlab.lab.config import ConfigError
+
+    EXPERIMENTS["refusing"] = Refusing()
+    try:
+        config = small_config()
+        config.experiment = "refusing"
+        with pytest.raises(ConfigError, match=r"refusing: the batch arm cannot train"):
+            Trainer(EXPERIMENTS["refusing"], config, tmp_path / "run", progress=False, jobs=1)
+        assert not (tmp_path / "run").exists()
+    finally:
+        EXPERIMENTS.pop("refusing", None)

@@ -105,7 +105,10 @@ class Trainer:
         if self.team.active and self.workers > 1:
             raise ConfigError(f"--jobs {self.workers} with --nproc: a data-parallel run trains its jobs one after "
                               "another in every process; drop --jobs (or --nproc).")
-        configs = [arm_config(self.config, arm, point) for point in grid_points(self.config) for arm in self.config.arms]
+        # What every job trains with, the experiment's derived settings included, so that a bad
+        # combination fails here, before the run folder exists.
+        configs = [self.experiment.job_config(arm_config(self.config, arm, point))
+                   for point in grid_points(self.config) for arm in self.config.arms]
         for cfg in configs:
             check_model_config(cfg.model)
             make_optimizer(cfg.train, nn.Linear(1, 1))
