@@ -52,7 +52,8 @@ def test_same_seed_same_weights_regardless_of_norm():
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("kind", "rnn", "model.kind must be 'mlp' or 'cnn', got 'rnn'"),
+        ("kind", "rnn", "model.kind must be 'mlp', 'cnn' or 'lstm', got 'rnn'"),
+        ("sequence", "permuted", "model.sequence applies to model.kind 'lstm' only"),
         ("activation", "swishy", r"model.activation must be one of \[.*'sigmoid'.*\], got 'swishy'"),
         ("placement", "middle", "model.placement must be 'before' or 'after'"),
         ("norm", "batchy", r"model.norm must be one of \[.*'batch'.*\], got 'batchy'"),
@@ -77,3 +78,144 @@ def test_cnn_builds_the_rank_of_every_rank_dependent_norm(norm, expected):
     model = build_model(ModelConfig(kind="cnn", widths=[4, 8], norm=norm), (1, 8, 8), 3)
     assert type(model.blocks[0].norm).__name__ == expected
     assert model(torch.randn(4, 1, 8, 8)).shape == (4, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# model.kind "lstm" (issue 13 item 3: sequential MNIST with nn.LSTM, BNLSTM and LNLSTM)
+
+
+def lstm_config(**fields) -> ModelConfig:
+    return ModelConfig(**{"kind": "lstm", "widths": [8], "activation": "tanh", **fields})
+
+
+@pytest.mark.parametrize("norm, cls", [("none", nn.LSTM), ("batch", normlab.BNLSTM), ("layer", normlab.LNLSTM)])
+def test_lstm_kind_builds_the_lstm_of_each_norm(norm, cls):
+    model = build_model(lstm_config(norm=norm, widths=[8, 6]), (1, 28, 28), 10)
+    assert [type(m) for m in model.rnn] == [cls, cls]
+    assert model.rnn[0].input_size == 28 and model.rnn[1].input_size == 8 and model.head.in_features == 6
+    assert model.blocks == []
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    if norm == "batch":
+        assert model.rnn[0].max_steps == 28  # statistics for each of the 28 rows
+
+
+def test_lstm_reads_rows_of_every_channel_side_by_side():
+    model = build_model(lstm_config(), (2, 3, 4), 5)
+    x = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 2, 3, 4)
+    seq = model.to_sequence(x)
+    assert seq.shape == (2, 3, 8)  # H = 3 steps of C * W = 8 features
+    for n in range(2):
+        for t in range(3):
+            expected = [float(x[n, c, t, w]) for c in range(2) for w in range(4)]
+            assert seq[n, t].tolist() == expected
+
+
+def test_lstm_permuted_sequence_is_one_fixed_order_of_the_pixels():
+    torch.manual_seed(1)
+    a = build_model(lstm_config(sequence="permuted", permute_seed=7), (1, 4, 4), 3)
+    torch.manual_seed(2)
+    b = build_model(lstm_config(sequence="permuted", permute_seed=7), (1, 4, 4), 3)
+    c = build_model(lstm_config(sequence="permuted", permute_seed=8), (1, 4, 4), 3)
+    rows = build_model(lstm_config(), (1, 4, 4), 3)
+    x = torch.randn(5, 1, 4, 4)
+    flat = rows.to_sequence(x).reshape(5, -1)
+    assert sorted(a.order.tolist()) == list(range(16)) and a.order.tolist() != list(range(16))
+    torch.testing.assert_close(a.order, b.order)  # the run's global seed does not move it
+    assert c.order.tolist() != a.order.tolist()
+    torch.testing.assert_close(a.to_sequence(x), flat[:, a.order].reshape(5, 4, 4))
+    assert "order" not in a.state_dict()  # rebuilt from the config, not stored
+
+
+def test_lstm_arms_start_from_the_same_weights():
+    """Same seed: nn.LSTM, BNLSTM and LNLSTM get the same W_ih, W_hh, bias and output layer,
+    rows or permuted (the order is drawn off the global stream)."""
+    built = {}
+    for norm in ("none", "batch", "layer"):
+        for sequence in ("rows", "permuted"):
+            torch.manual_seed(5)
+            built[(norm, sequence)] = build_model(lstm_config(norm=norm, sequence=sequence), (1, 6, 6), 4)
+
+    def weights(model):
+        rnn = model.rnn[0]
+        if isinstance(rnn, nn.LSTM):
+            return rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0, model.head.weight
+        layer = rnn.layers[0]
+        return layer.weight_ih, layer.weight_hh, layer.bias, model.head.weight
+
+    reference = weights(built[("batch", "rows")])
+    for model in built.values():
+        for got, want in zip(weights(model), reference):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    w_hh = reference[1].detach()
+    for block in w_hh.chunk(4, 0):  # orthogonal recurrent blocks (Cooijmans et al.)
+        torch.testing.assert_close(block @ block.t(), torch.eye(8), atol=1e-5, rtol=0)
+    assert reference[2].tolist() == [0.0] * 8 + [1.0] * 8 + [0.0] * 16  # forget gate open
+
+
+def _lstm_float64(x, w_ih, w_hh, b):
+    """The LSTM equations in float64, one step at a time: the oracle for the plain arm."""
+    x, w_ih, w_hh, b = (t.detach().double() for t in (x, w_ih, w_hh, b))
+    h = x.new_zeros(x.shape[0], w_hh.shape[1])
+    c = torch.zeros_like(h)
+    for t in range(x.shape[1]):
+        i, f, g, o = (x[:, t] @ w_ih.t() + h @ w_hh.t() + b).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    return h
+
+
+def test_lstm_plain_arm_is_the_lstm_of_the_batch_norm_arm_without_norms():
+    torch.manual_seed(0)
+    plain = build_model(lstm_config(norm="none"), (1, 5, 5), 3)
+    torch.manual_seed(0)
+    bn = build_model(lstm_config(norm="batch"), (1, 5, 5), 3).eval()
+    for norm in (bn.rnn[0].layers[0].norm_ih, bn.rnn[0].layers[0].norm_hh, bn.rnn[0].layers[0].norm_c):
+        norm.weight.data.fill_(1.0)
+        norm.eps = 0.0  # eval with running mean 0 and var 1: every BN is the identity
+    x = torch.randn(4, 1, 5, 5)
+    layer = bn.rnn[0].layers[0]
+    want = _lstm_float64(plain.to_sequence(x), layer.weight_ih, layer.weight_hh, layer.bias)
+    torch.testing.assert_close(plain.rnn[0](plain.to_sequence(x))[0][:, -1].double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(bn.rnn[0](bn.to_sequence(x))[0][:, -1].double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain(x), bn(x), atol=1e-5, rtol=0)
+
+
+def test_lstm_plain_arm_trains_one_bias():
+    torch.manual_seed(0)
+    model = build_model(lstm_config(norm="none"), (1, 5, 5), 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(model(torch.randn(6, 1, 5, 5)), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss.backward()
+    optimizer.step()
+    rnn = model.rnn[0]
+    assert not rnn.bias_hh_l0.requires_grad and rnn.bias_hh_l0.eq(0).all()
+    assert rnn.bias_ih_l0.grad is not None and rnn.weight_hh_l0.grad is not None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    torch.manual_seed(0)
+    ln = build_model(lstm_config(norm="layer"), (1, 5, 5), 3)
+    norms = sum(p.numel() for n, p in ln.named_parameters() if ".norm_" in n)
+    assert trainable == sum(p.numel() for p in ln.parameters()) - norms  # W_ih, W_hh, b, head
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"norm": "group"}, r"model.norm must be one of \['none', 'batch', 'layer'\] for model.kind 'lstm'"),
+        ({"activation": "sigmoid"}, "set model.activation to 'tanh', got 'sigmoid'"),
+        ({"dropout": 0.1}, r"does not use model.dropout=0.1"),
+        ({"init_gain": 1.0, "placement": "after"}, r"does not use model.placement='after', model.init_gain=1.0"),
+        ({"sequence": "columns"}, r"model.sequence must be one of \['rows', 'permuted'\], got 'columns'"),
+        ({"permute_seed": -1}, "model.permute_seed must be an int >= 0"),
+    ],
+)
+def test_lstm_bad_configs(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(lstm_config(**fields), (1, 4, 4), 3)
+
+
+def test_lstm_needs_image_input():
+    with pytest.raises(ConfigError, match=r"reads images \(C, H, W\) row by row, got input shape \(64,\)"):
+        build_model(lstm_config(), (64,), 3)
+    model = build_model(lstm_config(), (1, 8, 8), 3)
+    with pytest.raises(ValueError, match=r"expected input \(N, 1, 8, 8\).*got \(2, 1, 28, 28\)"):
+        model(torch.randn(2, 1, 28, 28))

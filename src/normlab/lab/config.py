@@ -78,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"  # "mlp" (flattens its input) or "cnn" (conv blocks, then global pooling)
+    kind: str = "mlp"  # "mlp" (flattens its input), "cnn" (conv blocks, then global pooling) or "lstm" (reads rows)
     widths: list[int] = field(default_factory=lambda: [100, 100, 100])  # hidden widths / conv channels
     activation: str = "sigmoid"  # sigmoid | tanh | relu | leaky_relu | elu | silu | gelu
     norm: str = "none"  # a normlab.get_norm name, or "none"; arms usually set this
@@ -86,6 +86,11 @@ class ModelConfig:
     dropout: float = 0.0  # dropout probability after each hidden block
     init_std: float | None = None  # std of a Gaussian weight init with zero biases; None: torch's default
     init_gain: float | None = None  # Gaussian init with std = gain / sqrt(fan_in), zero biases (He: 2**0.5); overrides init_std
+    # kind "lstm" only (checked by models.check_model_config): how an image (C, H, W) becomes a
+    # sequence: "rows" (H steps of C*W features, row by row) or "permuted" (its pixels in a fixed
+    # order drawn from permute_seed, then cut into H steps), as in sequential / permuted MNIST.
+    sequence: str = "rows"
+    permute_seed: int = 0  # the seed of the "permuted" order (one order for every arm and run seed)
 
 
 @dataclass

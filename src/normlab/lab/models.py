@@ -1,9 +1,16 @@
-"""Model builders for the lab: an MLP and a small CNN whose normalization is chosen by name.
+"""Model builders for the lab: an MLP, a small CNN and an LSTM whose normalization is chosen by name.
 
-Each hidden block is ``Linear/Conv -> [norm] -> activation -> [dropout]`` with the norm placed
-``before`` the activation (Ioffe & Szegedy) or ``after`` it. Blocks are kept in
-``model.blocks`` and each exposes ``pre_activation`` (the module whose output enters the
-activation), where the lab's probes attach.
+Each hidden block of the MLP and CNN is ``Linear/Conv -> [norm] -> activation -> [dropout]``
+with the norm placed ``before`` the activation (Ioffe & Szegedy) or ``after`` it. Blocks are
+kept in ``model.blocks`` and each exposes ``pre_activation`` (the module whose output enters
+the activation), where the lab's probes attach.
+
+``kind="lstm"`` is a :class:`SequenceClassifier`: an image ``(C, H, W)`` read as ``H`` steps of
+``C*W`` features (row by row, or its pixels in a fixed seeded order: sequential / permuted
+MNIST), stacked LSTMs and a linear layer on the last step's hidden state. ``norm`` picks the
+LSTM: ``"none"`` a plain ``torch.nn.LSTM``, ``"batch"`` :class:`normlab.BNLSTM` (Cooijmans et
+al. 2016), ``"layer"`` :class:`normlab.LNLSTM`; all three start from the same weights for a
+seed. It has no blocks (``model.blocks == []``), so probes that read blocks record nothing.
 
 >>> from normlab.lab.config import ModelConfig
 >>> from normlab.lab.models import build_model
@@ -16,12 +23,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
+from ..layers.recurrent import BNLSTM, LNLSTM
 from ..layers.registry import get_norm, norm_names
 from .config import ConfigError, ModelConfig
 
-__all__ = ["ACTIVATIONS", "Block", "build_model", "check_model_config"]
+__all__ = ["ACTIVATIONS", "LSTM_NORMS", "SEQUENCES", "Block", "SequenceClassifier", "build_model",
+           "check_model_config"]
+
+LSTM_NORMS = ("none", "batch", "layer")  # model.kind "lstm": nn.LSTM, BNLSTM, LNLSTM
+SEQUENCES = ("rows", "permuted")  # model.sequence (kind "lstm")
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -57,8 +70,13 @@ class Block(nn.Sequential):
 
 def check_model_config(config: ModelConfig) -> None:
     """Raise a ``ConfigError`` naming the first bad field of a model config (and what is valid)."""
-    if config.kind not in ("mlp", "cnn"):
-        raise ConfigError(f"model.kind must be 'mlp' or 'cnn', got {config.kind!r}.")
+    if config.kind not in ("mlp", "cnn", "lstm"):
+        raise ConfigError(f"model.kind must be 'mlp', 'cnn' or 'lstm', got {config.kind!r}.")
+    if config.kind == "lstm":
+        _check_lstm_config(config)
+    elif config.sequence != "rows":
+        raise ConfigError(f"model.sequence applies to model.kind 'lstm' only (how it reads an image), got "
+                          f"sequence {config.sequence!r} with kind {config.kind!r}; leave it at 'rows'.")
     if config.activation not in ACTIVATIONS:
         raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {config.activation!r}.")
     if config.placement not in ("before", "after"):
@@ -73,6 +91,28 @@ def check_model_config(config: ModelConfig) -> None:
         raise ConfigError(f"model.init_std must be > 0 or none (torch's default init), got {config.init_std!r}.")
     if config.init_gain is not None and config.init_gain <= 0:
         raise ConfigError(f"model.init_gain must be > 0 or none (init_std or torch's default), got {config.init_gain!r}.")
+
+
+def _check_lstm_config(config: ModelConfig) -> None:
+    """The LSTM's own rules: three norms, fixed gate nonlinearities, no per-block options."""
+    if config.norm not in LSTM_NORMS:
+        raise ConfigError(f"model.norm must be one of {list(LSTM_NORMS)} for model.kind 'lstm' (nn.LSTM, BNLSTM, "
+                          f"LNLSTM), got {config.norm!r}.")
+    if config.activation != "tanh":
+        raise ConfigError(f"model.kind 'lstm' has sigmoid gates and a tanh cell, no other activation: set "
+                          f"model.activation to 'tanh', got {config.activation!r}.")
+    unused = [f"{key}={value!r}" for key, value, default in (
+        ("placement", config.placement, "before"), ("dropout", config.dropout, 0.0),
+        ("init_std", config.init_std, None), ("init_gain", config.init_gain, None)) if value != default]
+    if unused:
+        raise ConfigError(f"model.kind 'lstm' does not use {', '.join('model.' + u for u in unused)} (its "
+                          f"initialization is Cooijmans et al.'s, it has no dropout or placement); leave them at "
+                          f"their defaults (placement 'before', dropout 0.0, init_std and init_gain none).")
+    if config.sequence not in SEQUENCES:
+        raise ConfigError(f"model.sequence must be one of {list(SEQUENCES)}, got {config.sequence!r}.")
+    if isinstance(config.permute_seed, bool) or not isinstance(config.permute_seed, int) or config.permute_seed < 0:
+        raise ConfigError(f"model.permute_seed must be an int >= 0 (the seed of the pixel order), got "
+                          f"{config.permute_seed!r}.")
 
 
 # The registry's families whose class depends on the input rank (BatchNorm1d vs 2d, ...).
@@ -91,18 +131,25 @@ def _norm(config: ModelConfig, channels: int, spatial: int) -> nn.Module | None:
 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """An MLP or CNN for inputs of ``input_shape`` (without the batch dimension).
+    """An MLP, CNN or LSTM for inputs of ``input_shape`` (without the batch dimension).
 
     Args:
         config: widths, activation, norm (a registry name or ``"none"``), placement, dropout, init.
-        input_shape: e.g. ``(1, 28, 28)``; an MLP flattens it.
+        input_shape: e.g. ``(1, 28, 28)``; an MLP flattens it; an LSTM needs ``(C, H, W)``.
         num_classes: the output width.
 
     Returns:
         ``nn.Sequential`` of ``Flatten`` (MLP), the hidden :class:`Block` s, pooling (CNN) and
-        the output layer; ``model.blocks`` lists the blocks.
+        the output layer; ``model.blocks`` lists the blocks. For ``kind="lstm"`` a
+        :class:`SequenceClassifier` (``model.blocks == []``).
+
+    Raises:
+        ConfigError: a bad field of ``config`` (:func:`check_model_config`), or an LSTM for
+            an input that is not ``(C, H, W)``.
     """
     check_model_config(config)
+    if config.kind == "lstm":
+        return SequenceClassifier(config, input_shape, num_classes)
     act = ACTIVATIONS[config.activation]
     blocks: list[Block] = []
     if config.kind == "mlp":
@@ -132,3 +179,93 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
                 nn.init.normal_(module.weight, 0.0, std)
                 nn.init.zeros_(module.bias)
     return model
+
+
+def _plain_lstm(input_size: int, hidden_size: int) -> nn.LSTM:
+    """A one-layer ``nn.LSTM`` (batch first) with the initial weights a BNLSTM/LNLSTM draws.
+
+    The weights are drawn by a throwaway :class:`~normlab.LNLSTM`, so the global random
+    stream moves exactly as when building the normalized LSTMs, and every arm of a seed starts
+    from the same ``W_ih``, ``W_hh`` (orthogonal blocks) and bias (forget gate at 1). Its one
+    bias goes to ``bias_ih``; ``bias_hh`` stays at zero and is frozen, so the trainable
+    parameters are those of the normalized LSTMs (``W_ih``, ``W_hh``, one ``b``) and an
+    optimizer sees the same problem without a doubled bias.
+    """
+    donor = LNLSTM(input_size, hidden_size).layers[0]
+    with torch.random.fork_rng(devices=[]):  # nn.LSTM draws its own init: keep it off the stream
+        lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(donor.weight_ih)
+        lstm.weight_hh_l0.copy_(donor.weight_hh)
+        lstm.bias_ih_l0.copy_(donor.bias)
+        lstm.bias_hh_l0.zero_()
+    lstm.bias_hh_l0.requires_grad_(False)
+    return lstm
+
+
+class SequenceClassifier(nn.Module):
+    """An image classifier that reads an image ``(C, H, W)`` as a sequence and runs LSTMs over it.
+
+    ``(N, C, H, W)`` -> ``(N, H, C*W)``: step ``t`` sees row ``t`` of every channel, side by side
+    (sequential MNIST read row by row: 28 steps of 28 pixels). With ``sequence="permuted"`` the
+    ``H*C*W`` values of that row-major sequence are first put in a fixed order, drawn with
+    ``torch.randperm`` from ``permute_seed`` (not from the global random stream: every arm and
+    run seed reads the same order), then cut into ``H`` steps of ``C*W`` (permuted MNIST, here
+    in 28 steps rather than the paper's 784 steps of one pixel). The LSTMs (one per entry of
+    ``widths``, each feeding the next) are ``torch.nn.LSTM`` (``norm="none"``),
+    :class:`normlab.BNLSTM` with statistics for each of the ``H`` steps (``"batch"``) or
+    :class:`normlab.LNLSTM` (``"layer"``), initialized alike (orthogonal recurrent weights,
+    forget-gate bias 1; BN gains 0.1 and LN gains 1 as their papers). The logits are
+    ``Linear(h_H)``, the last LSTM's hidden state after the last step.
+
+    Attributes:
+        rnn: the LSTMs (``nn.ModuleList``); ``head``: the output layer; ``blocks``: ``[]``;
+        ``order``: the pixel order (a non-persistent buffer, rebuilt from the config) or None.
+
+    >>> from normlab.lab.config import ModelConfig
+    >>> net = build_model(ModelConfig(kind="lstm", widths=[16], activation="tanh", norm="batch"), (1, 28, 28), 10)
+    >>> net(torch.randn(4, 1, 28, 28)).shape, type(net.rnn[0]).__name__, net.rnn[0].max_steps
+    (torch.Size([4, 10]), 'BNLSTM', 28)
+    """
+
+    def __init__(self, config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ConfigError(f"model.kind 'lstm' reads images (C, H, W) row by row, got input shape "
+                              f"{tuple(input_shape)}; use an image data set or model.kind 'mlp'.")
+        channels, rows, cols = input_shape
+        self.input_shape, self.sequence = tuple(input_shape), config.sequence
+        features = channels * cols
+        layers: list[nn.Module] = []
+        for hidden in config.widths:
+            if config.norm == "batch":
+                layers.append(BNLSTM(features, hidden, max_steps=rows))
+            elif config.norm == "layer":
+                layers.append(LNLSTM(features, hidden))
+            else:
+                layers.append(_plain_lstm(features, hidden))
+            features = hidden
+        self.rnn = nn.ModuleList(layers)
+        self.head = nn.Linear(features, num_classes)
+        order = None
+        if config.sequence == "permuted":
+            order = torch.randperm(rows * channels * cols, generator=torch.Generator().manual_seed(config.permute_seed))
+        self.register_buffer("order", order, persistent=False)
+        self.blocks: list[Block] = []  # no Linear/Conv blocks: block probes record nothing
+
+    def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> ``(N, H, C*W)``, the sequence the LSTMs read (in the pixel order)."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"SequenceClassifier: expected input (N, {', '.join(map(str, self.input_shape))}), "
+                             f"the shape it was built for, got {tuple(x.shape)}.")
+        n, channels, rows, cols = x.shape
+        seq = x.permute(0, 2, 1, 3).reshape(n, rows, channels * cols)
+        if self.order is not None:
+            seq = seq.reshape(n, -1)[:, self.order].reshape(n, rows, channels * cols)
+        return seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.to_sequence(x)
+        for lstm in self.rnn:
+            out = lstm(out)[0]
+        return self.head(out[:, -1])
