@@ -75,7 +75,7 @@ def test_cnn_builds_the_rank_of_every_rank_dependent_norm(norm, expected):
     """A CNN's norm must be the 2-D class: BatchRenorm1d on (N, C, H, W) input is an error."""
     import torch
 
-    model = build_model(ModelConfig(kind="cnn", widths=[4, 8], norm=norm), (1, 8, 8), 3)
+    model = build_model(ModelConfig(kind="cnn", widths=[4, 8], norm=norm, activation="relu"), (1, 8, 8), 3)
     assert type(model.blocks[0].norm).__name__ == expected
     assert model(torch.randn(4, 1, 8, 8)).shape == (4, 3)
 
@@ -219,3 +219,29 @@ def test_lstm_needs_image_input():
     model = build_model(lstm_config(), (1, 8, 8), 3)
     with pytest.raises(ValueError, match=r"expected input \(N, 1, 8, 8\).*got \(2, 1, 28, 28\)"):
         model(torch.randn(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("kind, shape", [("mlp", (5, 6)), ("cnn", (5, 1, 6, 6))])
+def test_batch_act_applies_the_activation_once(kind, shape):
+    """Regression: a batch_act block computed leaky_relu(relu(z)), i.e. relu, with two activations."""
+    torch.manual_seed(0)
+    fused = build_model(ModelConfig(kind=kind, widths=[4], norm="batch_act", activation="leaky_relu"), shape[1:], 3)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(kind=kind, widths=[4], norm="batch", activation="leaky_relu"), shape[1:], 3)
+    fused.load_state_dict(plain.state_dict())
+    assert type(fused.blocks[0].act) is nn.Identity and fused.blocks[0].norm.act == "leaky_relu"
+    x = torch.randn(shape)
+    torch.testing.assert_close(fused(x), plain(x))
+    h = fused.blocks[0](x.flatten(1) if kind == "mlp" else x)
+    assert bool((h < 0).any()), "leaky ReLU keeps negative values; relu would not"
+
+
+def test_batch_act_after_the_activation_is_a_plain_batch_norm():
+    model = build_model(ModelConfig(widths=[4], norm="batch_act", activation="tanh", placement="after"), (6,), 3)
+    assert model.blocks[0].norm.act == "identity" and type(model.blocks[0].act) is nn.Tanh
+
+
+def test_batch_act_with_an_activation_it_cannot_fuse_is_refused():
+    with pytest.raises(ConfigError, match=r"model.norm='batch_act' computes the block's activation itself, which must "
+                                          r"be one of \['elu', 'leaky_relu', 'relu', 'silu'\]; got model.activation='sigmoid'"):
+        build_model(ModelConfig(widths=[4], norm="batch_act", activation="sigmoid"), (6,), 3)

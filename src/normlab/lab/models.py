@@ -48,7 +48,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class Block(nn.Sequential):
-    """``weight layer -> [norm] -> activation -> [dropout]`` (or norm after the activation)."""
+    """``weight layer -> [norm] -> activation -> [dropout]`` (or norm after the activation).
+
+    With ``model.norm="batch_act"`` before the activation, the norm (a ``BatchNormAct``) computes
+    the activation and ``act`` is an ``nn.Identity``: ``pre_activation`` is then the fused norm,
+    whose output is already activated.
+    """
 
     def __init__(self, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: str, dropout: float):
         parts: list[tuple[str, nn.Module]] = [("layer", layer)]
@@ -74,6 +79,11 @@ def check_model_config(config: ModelConfig) -> None:
         raise ConfigError(f"model.kind must be 'mlp', 'cnn' or 'lstm', got {config.kind!r}.")
     if config.kind == "lstm":
         _check_lstm_config(config)
+    elif config.norm == "batch_act" and config.placement == "before" and config.activation not in FUSED_ACTIVATIONS:
+        raise ConfigError(
+            f"model.norm='batch_act' computes the block's activation itself, which must be one of "
+            f"{sorted(FUSED_ACTIVATIONS)}; got model.activation={config.activation!r}. Use model.norm='batch' for it."
+        )
     elif config.sequence != "rows":
         raise ConfigError(f"model.sequence applies to model.kind 'lstm' only (how it reads an image), got "
                           f"sequence {config.sequence!r} with kind {config.kind!r}; leave it at 'rows'.")
@@ -119,15 +129,34 @@ def _check_lstm_config(config: ModelConfig) -> None:
 _RANKED = ("batch", "instance", "frozen", "batch_act", "renorm", "ghost")
 
 
+# The model activations BatchNormAct computes itself (with torch.nn's default slope and alpha).
+FUSED_ACTIVATIONS = {"relu": {"act": "relu"}, "leaky_relu": {"act": "leaky_relu", "negative_slope": 0.01},
+               "elu": {"act": "elu", "alpha": 1.0}, "silu": {"act": "silu"}}
+
+
+def _fused(config: ModelConfig) -> bool:
+    """Whether the norm computes the block's activation itself (BatchNormAct before it)."""
+    return config.norm == "batch_act" and config.placement == "before"
+
+
 def _norm(config: ModelConfig, channels: int, spatial: int) -> nn.Module | None:
     if config.norm == "none":
         return None
     name = config.norm
+    if name == "batch_act":
+        # Before the activation the layer computes it (the block's own activation is then an
+        # Identity); after it, the layer is a plain batch norm (act="identity"): one activation.
+        act = FUSED_ACTIVATIONS[config.activation] if _fused(config) else {"act": "identity"}
+        return get_norm(name, channels, dim=max(1, spatial), **act)
     if name in _RANKED:
         return get_norm(name, channels, dim=max(1, spatial))
     if name == "layer" and spatial:
         return get_norm("group", channels, num_groups=1)  # layer norm over (C, H, W)
     return get_norm(name, channels)
+
+
+def _act(config: ModelConfig, act: type[nn.Module]) -> nn.Module:
+    return nn.Identity() if _fused(config) else act()
 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -158,7 +187,8 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
             width *= d
         head: list[nn.Module] = [nn.Flatten()]
         for hidden in config.widths:
-            blocks.append(Block(nn.Linear(width, hidden), _norm(config, hidden, 0), act(), config.placement, config.dropout))
+            blocks.append(Block(nn.Linear(width, hidden), _norm(config, hidden, 0), _act(config, act), config.placement,
+                                config.dropout))
             width = hidden
         tail: list[nn.Module] = [nn.Linear(width, num_classes)]
     else:
@@ -166,7 +196,7 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         head = []
         for i, hidden in enumerate(config.widths):
             conv = nn.Conv2d(channels, hidden, 3, stride=1 if i == 0 else 2, padding=1)
-            blocks.append(Block(conv, _norm(config, hidden, 2), act(), config.placement, config.dropout))
+            blocks.append(Block(conv, _norm(config, hidden, 2), _act(config, act), config.placement, config.dropout))
             channels = hidden
         tail = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     model = nn.Sequential(*head, *blocks, *tail)

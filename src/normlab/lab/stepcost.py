@@ -19,13 +19,14 @@ from torch import Tensor, nn
 
 from ..layers.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .config import ExperimentConfig, ModelConfig
+from .models import ACTIVATIONS, FUSED_ACTIVATIONS
 
 __all__ = ["FUSABLE", "VARIANTS", "VariantCost", "build_variant", "cuda_step_peak", "fuse_blocks", "measure_costs",
            "paired_ratio", "saved_bytes", "step_clock"]
 
 VARIANTS = ("none", "batch", "batch_act")
-# The activations BatchNormAct fuses (its "identity" is no activation at all).
-FUSABLE = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "silu": nn.SiLU}
+# The activations BatchNormAct fuses (its "identity" is no activation at all): the lab's list.
+FUSABLE = {name: ACTIVATIONS[name] for name in FUSED_ACTIVATIONS}
 
 
 def saved_bytes(run: Callable[[], Any], keep: Iterable[Tensor] = ()) -> int:
@@ -83,10 +84,10 @@ def fuse_blocks(model: nn.Module) -> nn.Module:
     """Make every block ``layer -> BatchNormAct(act) -> Identity``: the activation runs inside the
     fused layer, once. In place; returns ``model``.
 
-    The lab's ``build_model`` with ``norm="batch_act"`` gives ``BatchNormAct(act="relu") ->
-    model.activation`` (the activation twice, ReLU first); here the block's activation module
-    moves into the ``BatchNormAct`` (its ``negative_slope`` / ``alpha`` kept) and is replaced by
-    ``nn.Identity``. A block whose activation is already ``nn.Identity`` is left alone.
+    The lab's ``build_model`` with ``norm="batch_act"`` builds blocks fused this way already (a
+    block whose activation is ``nn.Identity`` is left alone); a model built otherwise, with a
+    ``BatchNormAct`` followed by an activation module, gets the module moved into the
+    ``BatchNormAct`` (its ``negative_slope`` / ``alpha`` kept) and replaced by ``nn.Identity``.
 
     Raises:
         ValueError: a block's norm is no ``BatchNormAct``, or its activation is one the fused

@@ -60,11 +60,9 @@ and the activation's output (2 tensors per block), the fused layer its output on
 Published anchor: In-Place ABN (Rota Bulo, Porzi & Kontschieder, CVPR 2018): up to 50% of the
 activation memory saved for 0.8-2% more computation.
 
-Note on the lab's ``batch_act`` norm: :func:`normlab.lab.models.build_model` builds a
-``BatchNormAct`` with its default activation (ReLU) and then appends ``model.activation``, so
-its block computes ``leaky_relu(relu(z))``; :func:`fuse_blocks` rebuilds the block as
-``BatchNormAct(act=model.activation)`` followed by ``nn.Identity`` (and leaves a block that is
-already fused alone).
+The lab's ``batch_act`` norm (:func:`normlab.lab.models.build_model`) computes the block's
+activation inside the ``BatchNormAct``, the block's own activation being an ``nn.Identity``;
+:func:`fuse_blocks` checks that every block is built so.
 
 Forms: full 5 seeds x 100 timed rounds (3 warm-up rounds), batch 64, SGD lr 0.05, mnist-5k;
 quick 3 seeds x 30 timed rounds: about 50 s of CPU (user), so about 25 s wall on 2 free cores
