@@ -152,3 +152,25 @@ def test_fold_arm_from_argument_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a bare state dict: folding needs the model's architecture.*"
                                               r"normlab.surgery.fold_batchnorm\(model.eval\(\)\)"):
         fold_checkpoint(bare, tmp_path / "out.pt")
+
+
+def test_inspect_and_fold_on_a_recurrent_lab_checkpoint(tmp_path):
+    """Regression: inspect failed on a BN-LSTM checkpoint (per-step statistics (T, C) and counts
+    (T,)), and could not rebuild an LSTM model (no '*.layer.weight' keys to guess shapes from)."""
+    from normlab.lab.experiments import all_experiments
+    from normlab.lab.trainer import Trainer
+
+    experiment = all_experiments()["cooijmans2016-seqmnist"]
+    cfg = apply_overrides(experiment.quick_config(), {
+        "data.name": "synthetic", "model.widths": [6], "train.steps": 4, "train.seeds": 1, "train.eval_every": 2,
+        "train.checkpoint_every": 2, "train.batch_size": 16, "train.device": "cpu"}, parse=False)
+    cfg.grid = {}
+    Trainer(experiment, cfg, tmp_path / "run", progress=False, jobs=1).run()
+    batch = next((tmp_path / "run" / "checkpoints").glob("batch-*seed0.pt"))
+    text = inspect_checkpoint(batch)
+    assert "lab checkpoint of experiment 'cooijmans2016-seqmnist', arm 'batch'" in text
+    assert "RecurrentBatchNorm" in text and text.endswith("3 normalization layer(s), 0 with problems")
+    plain = next((tmp_path / "run" / "checkpoints").glob("none-*seed0.pt"))
+    assert "lab checkpoint of experiment 'cooijmans2016-seqmnist', arm 'none'" in inspect_checkpoint(plain)
+    with pytest.raises(CheckpointError, match=r"there is no batch norm to fold"):
+        fold_checkpoint(plain, tmp_path / "folded.pt")

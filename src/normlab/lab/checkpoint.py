@@ -36,7 +36,8 @@ __all__ = ["fold_checkpoint", "inspect_checkpoint", "load_job_checkpoint", "rebu
 
 
 def save_job_checkpoint(path: Path, job: "Job", model: nn.Module, optimizer, sampler, window: list[Tensor], step: int,
-                        wall: float, rows: list[dict[str, Any]], diverged: bool, device: torch.device) -> None:
+                        wall: float, rows: list[dict[str, Any]], diverged: bool, device: torch.device,
+                        shape: tuple[tuple[int, ...], int] | None = None) -> None:
     """Write a job's checkpoint atomically (a crash leaves the previous one whole)."""
     # "config" is the run's config at this job's grid point, so that normlab inspect/fold can
     # rebuild the model from the checkpoint and its "arm" alone.
@@ -48,6 +49,8 @@ def save_job_checkpoint(path: Path, job: "Job", model: nn.Module, optimizer, sam
         "window": torch.stack(window).cpu() if window else torch.zeros(0), "step": step, "wall_time": wall,
         "rows": rows, "diverged": diverged, "config": config, "arm": job.arm, "seed": job.seed,
     }
+    if shape is not None:  # the data's input shape and classes: rebuild_model needs no guess
+        state["input_shape"], state["num_classes"] = list(shape[0]), int(shape[1])
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -96,7 +99,10 @@ def rebuild_model(state: dict[str, Tensor], meta: dict[str, Any], path: Path, ar
     cfg = arm_config(config, arm)
     if config.experiment in all_experiments():
         cfg = all_experiments()[config.experiment].job_config(cfg)
-    input_shape, num_classes = _shapes_from_weights(state, cfg.model.kind, path)
+    if "input_shape" in meta and "num_classes" in meta:
+        input_shape, num_classes = tuple(int(d) for d in meta["input_shape"]), int(meta["num_classes"])
+    else:  # checkpoints written before the shapes were saved
+        input_shape, num_classes = _shapes_from_weights(state, cfg.model.kind, path)
     model = build_model(cfg.model, input_shape, num_classes)
     try:
         model.load_state_dict(state, strict=True)

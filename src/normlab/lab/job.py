@@ -287,7 +287,8 @@ def run_job(
 
         def save(diverged=False):
             if team.main:
-                save_job_checkpoint(ckpt_path, job, model, optimizer, sampler, window, step, wall, rows, diverged, device)
+                save_job_checkpoint(ckpt_path, job, model, optimizer, sampler, window, step, wall, rows, diverged, device,
+                                    (data.input_shape, data.num_classes))
             team.barrier()  # the checkpoint is on disk before anyone may resume from it
 
         try:

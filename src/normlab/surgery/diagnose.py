@@ -72,9 +72,15 @@ class Problem:
 
 
 def _channels_where(mask: Tensor) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    shown = ", ".join(map(str, idx[:5])) + (", ..." if len(idx) > 5 else "")
-    return f"{len(idx)} of {mask.numel()} channels ({shown})"
+    """Which channels a mask marks; per-step statistics ``(T, C)`` (a recurrent batch norm's)
+    name ``step:channel``."""
+    if mask.dim() > 1:
+        idx = [":".join(map(str, pos)) for pos in mask.nonzero().tolist()]
+        unit = "step:channel entries"
+    else:
+        idx, unit = [str(i) for i in mask.nonzero().flatten().tolist()], "channels"
+    shown = ", ".join(idx[:5]) + (", ..." if len(idx) > 5 else "")
+    return f"{len(idx)} of {mask.numel()} {unit} ({shown})"
 
 
 def stats_problems(layer: str, running_mean: Tensor | None, running_var: Tensor | None,
@@ -101,7 +107,8 @@ def stats_problems(layer: str, running_mean: Tensor | None, running_var: Tensor 
         ))
     if (rv < 0).any():
         problems.append(Problem(layer, "negative_variance", f"running_var is negative in {_channels_where(rv < 0)}"))
-    count = None if num_batches_tracked is None else int(num_batches_tracked)
+    # A recurrent batch norm counts per step: the statistics were updated if any step counted.
+    count = None if num_batches_tracked is None else int(num_batches_tracked.max()) if num_batches_tracked.numel() else 0
     if (count is None or count == 0) and bool((rm == 0).all()) and bool((rv == 1).all()):
         problems.append(Problem(
             layer, "never_updated",

@@ -110,11 +110,12 @@ def _fmt(value: float | None) -> str:
 def _row(name: str, kind: str, tensors: dict[str, Any]) -> tuple[list[str], list[str]]:
     rm, rv, nbt = (tensors.get(k) for k in _STATS)
     weight = tensors.get("weight")
-    channels = next((t.shape[0] for t in (rm, weight) if isinstance(t, Tensor) and t.dim() == 1), None)
+    # Per-step statistics (T, C) of a recurrent batch norm: C is the last dimension.
+    channels = next((t.shape[-1] for t in (rm, weight) if isinstance(t, Tensor) and t.dim() >= 1), None)
     problems = stats_problems(name, rm, rv, nbt)
     cells = [
         name, kind, str(channels or "-"),
-        str(int(nbt)) if isinstance(nbt, Tensor) else "-",
+        (str(int(nbt.max())) if nbt.numel() else "0") if isinstance(nbt, Tensor) else "-",
         _fmt(float(rm.detach().float().abs().max())) if isinstance(rm, Tensor) and rm.numel() else "-",
         _fmt(float(rv.detach().float().min())) if isinstance(rv, Tensor) and rv.numel() else "-",
         _fmt(float(rv.detach().float().max())) if isinstance(rv, Tensor) and rv.numel() else "-",
