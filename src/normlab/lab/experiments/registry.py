@@ -1,6 +1,7 @@
 """The one registry of the lab's experiments: every module of this package except ``base``,
-``common`` and ``registry`` is an experiment, registered when imported; adding a file adds an
-experiment, with no list to keep in step.
+``common``, ``registry`` and those whose name starts with ``_`` (an experiment's private helpers)
+is an experiment, registered when imported; adding a file adds an experiment, with no list to
+keep in step.
 
 >>> from normlab.lab.experiments.registry import all_experiments, get_experiment
 >>> "ioffe2015-mnist" in all_experiments()
@@ -34,7 +35,8 @@ def register(experiment: Experiment) -> Experiment:
 def experiment_modules() -> list[str]:
     """The experiment modules of this package, sorted by name."""
     folder = str(Path(__file__).parent)
-    return sorted(m.name for m in pkgutil.iter_modules([folder]) if m.name not in NOT_EXPERIMENTS)
+    return sorted(m.name for m in pkgutil.iter_modules([folder])
+                  if m.name not in NOT_EXPERIMENTS and not m.name.startswith("_"))
 
 
 def all_experiments() -> dict[str, Experiment]:
