@@ -306,3 +306,12 @@ def test_plot_without_data_still_labels_axes():
     assert fig.axes[0].get_xlabel() == "step" and fig.axes[0].get_legend() is None
     fig = plot_figure(FigureSpec(kind="percentiles", title="t", ylabel="y", probe="missing"), make_rows())
     assert len(fig.axes) == 1 and fig.axes[0].get_ylabel() == "y"
+
+
+def test_log_grid_axis_is_ticked_at_the_grid_values():
+    """Wu & He's batch sizes read 2, 8, 32 on the axis, not 2x10^0 and the like."""
+    rows = [{"step": 10, "arm": arm, "seed": seed, "point": {"train.batch_size": b}, "test_acc": 0.9 - b / 1000}
+            for arm in ("batch", "group") for seed in range(3) for b in (2, 8, 32)]
+    spec = FigureSpec(kind="grid", title="t", ylabel="acc", metric="test_acc", axis="train.batch_size", logx=True)
+    ax = plot_figure(spec, rows).axes[0]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["2", "8", "32"]

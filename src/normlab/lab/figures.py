@@ -263,6 +263,10 @@ def _plot_grid(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) ->
                         fontsize="x-small", color="0.35")
         if logx:
             ax.set_xscale("log")
+            if len(set(xs_all)) <= 12:  # ticks at the grid's values, plainly labelled (2, 8, 32; not 2x10^0)
+                ticks = sorted(set(xs_all))
+                ax.set_xticks(ticks, [_fmt(t) for t in ticks])
+                ax.minorticks_off()
         if not numeric and categories:
             ax.set_xticks(range(len(categories)), [_fmt(c) for c in categories])
             ax.set_xlim(-0.5, len(categories) - 0.5)
