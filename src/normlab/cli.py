@@ -270,8 +270,11 @@ def _cmd_run(args) -> int:
         points = len(grid_points(config))
         grid = f" x {points} grid points" if config.grid else ""
         workers = f", {jobs} worker processes" if jobs > 1 and not trainer.team.active else ""
+        # The jobs' steps, which an experiment may derive per job (equal epochs at every batch size).
+        steps = sorted({job.steps for job in trainer.jobs()})
+        steps_text = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
         print(f"normlab: {experiment.name}: {len(config.arms)} arms{grid} x {config.train.seeds} seeds x "
-              f"{config.train.steps} steps on {config.data.name} ({trainer.device}{team}{workers}) -> {run_dir}",
+              f"{steps_text} steps on {config.data.name} ({trainer.device}{team}{workers}) -> {run_dir}",
               file=sys.stderr)
     try:
         trainer.run()
