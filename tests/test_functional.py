@@ -195,3 +195,112 @@ def test_other_norms_under_vmap_and_compile(name):
     for i in range(3):
         np.testing.assert_allclose(_np(batched[i]), reference(_np(xs[i])), atol=2e-5)
     np.testing.assert_allclose(_np(compiled), reference(_np(xs[0])), atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The public functions that mirror reference's (issue 12): held against the float64 oracle
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+def test_channel_mean_var_matches_reference(layout):
+    torch.manual_seed(0)
+    x = torch.randn(300, 4, dtype=torch.float64) * 3 + 50 if layout == "2d" else (
+        torch.randn(6, 4, 9, 9, dtype=torch.float64) * 3 + 50)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = NF.channel_mean_var(x)
+    ref_mean, ref_var = R.channel_mean_var(_np(x))
+    np.testing.assert_allclose(_np(mean), ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(_np(var), ref_var, rtol=1e-11)
+
+
+_VARIANTS = {
+    "plain": {},
+    "mask": {"mask": True},
+    "renorm": {"r_max": 1.2, "d_max": 0.3},
+    "act": {"act": "leaky_relu", "negative_slope": 0.2},
+    "act-mask": {"act": "elu", "alpha": 0.7, "mask": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_batch_norm_with_stats_matches_reference(variant):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 5, dtype=torch.float64) * 2 + 1
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    options = dict(_VARIANTS[variant])
+    if options.pop("mask", False):
+        options["mask"] = torch.rand(6, 5) < 0.6
+    ref_options = {k: (v.numpy() if k == "mask" else v) for k, v in options.items()}
+    r = NF.batch_norm_with_stats(x, w, b, 1e-3, running_mean=rm, running_var=rv, **options)
+    y, mean, var, n = R.batch_norm_with_stats(_np(x), _np(w), _np(b), 1e-3, running_mean=_np(rm),
+                                              running_var=_np(rv), **ref_options)
+    np.testing.assert_allclose(_np(r.output), y, atol=1e-12)
+    np.testing.assert_allclose(_np(r.mean), mean, rtol=1e-12)
+    np.testing.assert_allclose(_np(r.var), var, rtol=1e-12)
+    assert r.count == n
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_apply_batch_stats_matches_reference(momentum, unbiased):
+    rm, rv, count = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5]), torch.tensor(3)
+    mean, var = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.25])
+    r = NF.apply_batch_stats(rm, rv, mean, var, 10, momentum, count, unbiased)
+    ref = R.apply_batch_stats(_np(rm), _np(rv), _np(mean), _np(var), 10, momentum, 3, unbiased)
+    np.testing.assert_allclose(_np(r.running_mean), ref[0], rtol=1e-6)
+    np.testing.assert_allclose(_np(r.running_var), ref[1], rtol=1e-6)
+    assert int(r.num_batches_tracked) == ref[2] and bool(r.updated)
+    # A count as a tensor (statistics pooled across processes): Bessel's correction on the device.
+    as_tensor = NF.apply_batch_stats(rm, rv, mean, var, torch.tensor(10.0), momentum, count, unbiased)
+    torch.testing.assert_close(as_tensor.running_var, r.running_var)
+
+
+def test_apply_batch_stats_keeps_the_statistics_of_a_non_finite_batch_and_ignores_an_empty_one():
+    rm, rv, count = torch.zeros(2), torch.ones(2), torch.tensor(5)
+    bad = NF.apply_batch_stats(rm, rv, torch.tensor([1.0, float("nan")]), torch.ones(2), 4, 0.5, count)
+    assert torch.equal(bad.running_mean, rm) and torch.equal(bad.running_var, rv)
+    assert int(bad.num_batches_tracked) == 5 and not bool(bad.updated)
+    empty = NF.apply_batch_stats(rm, rv, torch.zeros(2), torch.zeros(2), 0, 0.5, count)
+    assert empty.updated is None and empty.running_mean is rm and int(empty.num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_masked_batch_norm_matches_reference(training):
+    torch.manual_seed(2)
+    x = torch.randn(5, 3, 7, dtype=torch.float64)
+    mask = torch.rand(5, 7) < 0.5
+    x[~mask.unsqueeze(1).expand_as(x)] = float("nan")  # padding never enters
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    r = NF.masked_batch_norm(x, mask, rm, rv, training=training, momentum=0.3, num_batches_tracked=torch.tensor(1))
+    y, ref_rm, ref_rv, ref_count = R.masked_batch_norm(_np(x), mask.numpy(), _np(rm), _np(rv),
+                                                       training=training, momentum=0.3, num_batches_tracked=1)
+    np.testing.assert_allclose(_np(r.output), y, atol=1e-12)
+    np.testing.assert_allclose(_np(r.running_mean), ref_rm, rtol=1e-12)
+    np.testing.assert_allclose(_np(r.running_var), ref_rv, rtol=1e-12)
+    assert int(r.num_batches_tracked) == ref_count
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "elu", "silu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_act_matches_reference(act, training):
+    torch.manual_seed(3)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64) * 0.1
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    options = dict(act=act, negative_slope=0.2, alpha=0.7)
+    r = NF.batch_norm_act(x, rm, rv, w, b, training=training, momentum=0.3,
+                          num_batches_tracked=torch.tensor(0), **options)
+    y, ref_rm, ref_rv, ref_count = R.batch_norm_act(_np(x), _np(rm), _np(rv), _np(w), _np(b), training=training,
+                                                    momentum=0.3, **options)
+    np.testing.assert_allclose(_np(r.output), y, atol=1e-12)
+    np.testing.assert_allclose(_np(r.running_mean), ref_rm, rtol=1e-12)
+    np.testing.assert_allclose(_np(r.running_var), ref_rv, rtol=1e-12)
+    assert int(r.num_batches_tracked) == ref_count
+    dy = torch.randn_like(x)
+    (r.output * dy).sum().backward()
+    dx, _, _ = R.batch_norm_act_backward(_np(dy), _np(x), _np(w), _np(b), training=training,
+                                         running_mean=_np(rm), running_var=_np(rv), **options)
+    np.testing.assert_allclose(_np(x.grad), dx, atol=1e-9)

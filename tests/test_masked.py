@@ -246,7 +246,9 @@ def test_fewer_than_two_valid_positions_in_training_is_an_error(valid):
     x = torch.randn(3, 2, 4)
     mask = torch.zeros(3, 4, dtype=torch.bool)
     mask.view(-1)[:valid] = True
-    with pytest.raises(ValueError, match=rf"batch_norm: training needs at least 2 valid positions per channel.*got {valid}"):
+    # One rule, one message: the functional's names the function, the layer's names the layer.
+    with pytest.raises(ValueError, match=rf"batch_norm: training needs more than one value per channel.*"
+                                         rf"with {valid} valid position\(s\) per channel under its mask"):
         NF.batch_norm(x, torch.zeros(2), torch.ones(2), training=True, mask=mask)
     with pytest.raises(ValueError, match=rf"BatchNorm1d\(2\): training needs more than one value per channel.*"
                                          rf"{valid} valid position"):

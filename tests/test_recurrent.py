@@ -109,7 +109,8 @@ def test_masked_recurrent_batch_norm_gradcheck():
 def test_single_valid_row_raises_or_uses_the_running_statistics():
     x = step_input(3, 2, 0)
     mask = torch.tensor([False, True, False])
-    with pytest.raises(ValueError, match=r"RecurrentBatchNorm\(2\): training needs more than one valid row at step 4.*single_sample='running'"):
+    with pytest.raises(ValueError, match=r"RecurrentBatchNorm\(2\) at step 4: training needs more than one value "
+                                         r"per channel.*got input of shape \(1, 2\).*single_sample='running'"):
         RecurrentBatchNorm(2, max_steps=3, dtype=torch.float64)(x, 4, mask)
     bn = RecurrentBatchNorm(2, max_steps=3, single_sample="running", dtype=torch.float64)
     with torch.no_grad():
@@ -298,7 +299,7 @@ def test_bn_lstm_with_one_running_sequence_uses_the_running_statistics():
     out, _ = lstm(x, lengths=lengths)
     torch.testing.assert_close(out, expected[0], rtol=0, atol=1e-10)
     strict = BNLSTM(3, 4, max_steps=3, single_sample="error", dtype=torch.float64)
-    with pytest.raises(ValueError, match="more than one valid row at step 2"):
+    with pytest.raises(ValueError, match="at step 2: training needs more than one value per channel"):
         strict(x, lengths=lengths)
 
 

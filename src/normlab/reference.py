@@ -51,6 +51,11 @@ with respect to ``weight``/``bias`` are returned even when ``weight`` or
 
 All functions are pure: they never modify their arguments and always return
 new arrays.
+
+This file is longer than the project's 600 lines per module on purpose: it is
+the one oracle, every formula written once and read side by side with the
+others (the shared standardize step above, each norm's forward next to its
+analytic backward), and it mirrors :mod:`normlab.functional` name for name.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ __all__ = [
     "ghost_batch_sizes",
     "ghost_batch_norm",
     "ghost_batch_norm_backward",
+    "channel_mean_var",
+    "batch_norm_with_stats",
+    "apply_batch_stats",
 ]
 
 ShapeLike = int | Sequence[int]
@@ -1378,3 +1386,104 @@ def batch_norm_act_backward(
     return batch_norm_backward(
         g, x, weight, eps, training=training, running_mean=running_mean, running_var=running_var,
     )
+
+
+# ---------------------------------------------------------------------------
+# Batch statistics out, and in (gradient accumulation, statistics pooled across processes)
+# ---------------------------------------------------------------------------
+
+
+def channel_mean_var(x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and *biased* variance over every axis but 1 (two-pass)::
+
+        mean = mean(x[:, c, ...]),    var = mean((x[:, c, ...] - mean)^2)
+
+    Returns:
+        ``(mean, var)``, each of shape (C,).
+    """
+    x = _as_float64(x)
+    _check_channels_first(x, min_ndim=2, name="channel_mean_var")
+    _, mean, var = _standardize(x, _all_axes_but_channel(x.ndim), 0.0)
+    return mean.reshape(x.shape[1]), var.reshape(x.shape[1])
+
+
+def batch_norm_with_stats(
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    mask: ArrayLike | None = None,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+    r_max: float | None = None,
+    d_max: float | None = None,
+    act: str | None = None,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Training-mode batch norm that returns its batch statistics instead of updating running ones.
+
+    ``y`` is the training-mode output of
+
+    * :func:`batch_norm` (no mask, no limits),
+    * :func:`masked_batch_norm` with ``mask``: the statistics over the valid positions,
+    * :func:`batch_renorm` with ``r_max``/``d_max`` (one given, the other at its default), which
+      corrects towards ``running_mean``/``running_var``,
+
+    followed by ``act`` (:func:`batch_norm_act`'s activations) when given; the statistics are the
+    batch's mean and biased variance and ``n``, the values per channel behind them::
+
+        mean = sum_valid(x) / n,      var = sum_valid((x - mean)^2) / n
+
+    so that batches pool exactly (Chan et al.) and :func:`apply_batch_stats` of the pooled
+    statistics is one update from all of them.
+
+    Returns:
+        ``(y, mean, var, n)``: ``y`` of the shape of ``x``, ``mean`` and ``var`` of shape (C,).
+    """
+    x = _as_float64(x)
+    _check_channels_first(x, min_ndim=2, name="batch_norm_with_stats")
+    num_channels = x.shape[1]
+    axes = _all_axes_but_channel(x.ndim)
+    if mask is not None:
+        m = _broadcast_mask(x, mask, "batch_norm_with_stats")
+        y = masked_batch_norm(x, mask, None, None, weight, bias, training=True, eps=eps)[0]
+        n = int(m.sum())
+        mean = np.sum(np.where(m, x, 0.0), axis=axes) / n
+        deviation = np.where(m, x - _per_channel(mean, x.ndim), 0.0)
+        var = np.sum(deviation * deviation, axis=axes) / n
+    else:
+        n = x.size // num_channels if num_channels > 0 else 0
+        mean, var = channel_mean_var(x)
+        if r_max is not None or d_max is not None:
+            y = batch_renorm(x, running_mean, running_var, weight, bias, training=True, eps=eps,
+                             r_max=3.0 if r_max is None else r_max, d_max=5.0 if d_max is None else d_max)[0]
+        else:
+            y = batch_norm(x, None, None, weight, bias, training=True, eps=eps)[0]
+    if act is not None:
+        y = _activation(y, act, negative_slope, alpha)
+    return y, mean, var, n
+
+
+def apply_batch_stats(
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    batch_mean: ArrayLike,
+    batch_var: ArrayLike,
+    n: int,
+    momentum: float | None = 0.1,
+    num_batches_tracked: int = 0,
+    unbiased: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One running-statistics update from a batch's mean, *biased* variance and ``n`` values per
+    channel, as :func:`batch_norm` makes in training: :func:`update_running_stats`, and the
+    count ``num_batches_tracked + 1``. ``n = 0`` (no batch) changes nothing.
+
+    Returns:
+        ``(new_running_mean, new_running_var, new_num_batches_tracked)``.
+    """
+    if int(n) == 0:
+        return _as_float64(running_mean).copy(), _as_float64(running_var).copy(), int(num_batches_tracked)
+    new_mean, new_var = update_running_stats(running_mean, running_var, batch_mean, batch_var, n, momentum,
+                                             num_batches_tracked, unbiased)
+    return new_mean, new_var, int(num_batches_tracked) + 1

@@ -33,6 +33,7 @@ __all__ = [
     "Convention",
     "CONVENTIONS",
     "check_momentum",
+    "statistics_dtype",
     "ema",
     "cumulative_average",
     "unbiased_var",
@@ -97,6 +98,23 @@ def check_momentum(momentum: float | None, *, owner: str = "momentum") -> None:
             f"got {momentum!r}. A Keras/Flax-style decay d converts as momentum = 1 - d "
             f"(normlab.stats.momentum_from_decay)."
         )
+
+
+# 16-bit floating types: their 8- and 11-bit mantissas lose a moving average's small updates and
+# the small terms of long sums.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype normlab computes and keeps statistics in for data of ``dtype``: float32 for
+    float16 and bfloat16, ``dtype`` itself otherwise. Batch statistics of 16-bit input are
+    accumulated in it, and running statistics stay in it when a module is cast to 16 bits
+    (``model.half()``); outputs keep the input's dtype.
+
+    >>> statistics_dtype(torch.bfloat16), statistics_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def ema(running: Tensor, batch: Tensor, momentum: float | Tensor) -> Tensor:

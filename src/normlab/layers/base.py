@@ -1,9 +1,18 @@
-"""What every normlab layer shares: option checks, float32 running statistics, non-finite guard.
+"""What every normlab layer shares: option checks, float32 running statistics, non-finite guard,
+and the one batch-norm forward every batch-norm variant uses.
 
 normlab's layers subclass their ``torch.nn`` counterparts, so parameters, buffers, state-dict
 keys and versioning (``num_batches_tracked`` filled in for version-1 checkpoints), ``repr`` and
 ``isinstance`` checks in other libraries are torch's own. :class:`NormLayer` adds what torch
-lacks and each layer's ``forward`` hands the math to :mod:`normlab.functional`.
+lacks and each layer's ``forward`` hands the math to :mod:`normlab.functional`, passing its
+label, so that the functional checks each rule once and names the layer in the message.
+
+:class:`BatchNormTemplate` is the batch-norm forward: check the input, pick the statistics
+(training or eval, running statistics or not, a row of them for the recurrent layer), call the
+variant's functional, then store the new running statistics, or, inside
+:func:`normlab.accumulate`, pool the batch statistics. A variant supplies only what differs: its
+functional (``_functional``), its own keyword arguments (``_variant_options``), its input check,
+and (the synchronized layers) a ``_normalize`` that returns statistics pooled across processes.
 """
 
 from __future__ import annotations
@@ -14,15 +23,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .. import functional as NF
 from .. import stats as _stats
-from ..functional import _TRUE, _compiling
 
-__all__ = ["NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer", "name_layers"]
+__all__ = ["BatchNormLayer", "BatchNormTemplate", "NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer",
+           "name_layers"]
 
 # -1 outside the autograd engine's backward pass, a task id inside it (torch >= 2.1).
 _current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 NonFinitePolicy = Literal["warn", "skip", "raise"]
 _NONFINITE_POLICIES = ("warn", "skip", "raise")
 
@@ -62,7 +71,8 @@ def in_backward() -> bool:
     statistics are updated twice under checkpointing, as torch's layers do) and while
     ``torch.compile`` traces.
     """
-    return _current_graph_task_id is not None and not _compiling() and _current_graph_task_id() != -1
+    return (_current_graph_task_id is not None and not torch.compiler.is_compiling()
+            and _current_graph_task_id() != -1)
 
 
 def name_layers(model: nn.Module) -> nn.Module:
@@ -80,23 +90,55 @@ def name_layers(model: nn.Module) -> nn.Module:
 
 
 class NormLayer:
-    """Mixin for every normlab layer: a display name for messages."""
+    """Mixin for every normlab layer: a display name for messages, and running statistics that stay
+    float32 when the module is cast to float16/bfloat16 (``model.half()``) or built with such a
+    dtype: 16-bit EMAs lose the small updates (:func:`normlab.stats.statistics_dtype`)."""
 
-    name: str | None = None
+    _name: str | None = None
+    _label_text: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        """The layer's qualified name in its model (set by :func:`name_layers`), or None."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        self.__dict__["_name"] = value
+        self.__dict__.pop("_label_text", None)
 
     def _label(self) -> str:
-        first = getattr(self, "num_features", None) or getattr(self, "num_channels", None) or getattr(
-            self, "normalized_shape", ""
-        )
-        where = f" '{self.name}'" if self.name else ""
-        return f"{type(self).__name__}({first}){where}"
+        """``Class(size) 'name'``, as messages name the layer; built once (every forward passes it)."""
+        text = self._label_text
+        if text is None:
+            first = getattr(self, "num_features", None) or getattr(self, "num_channels", None) or getattr(
+                self, "normalized_shape", ""
+            )
+            where = f" '{self.name}'" if self.name else ""
+            text = self.__dict__["_label_text"] = f"{type(self).__name__}({first}){where}"
+        return text
+
+    def _keep_stats_float32(self) -> None:
+        for key in ("running_mean", "running_var"):
+            buf = self._buffers.get(key)
+            if buf is not None and _stats.statistics_dtype(buf.dtype) != buf.dtype:
+                self._buffers[key] = buf.to(_stats.statistics_dtype(buf.dtype))
+
+    def _apply(self, fn, recurse=True):
+        before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
+        result = super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers.get(key)
+            if old is not None and new is not None and _stats.statistics_dtype(new.dtype) != new.dtype:
+                # Move the float32 original rather than up-casting the rounded 16-bit copy.
+                self._buffers[key] = old.to(device=new.device, dtype=_stats.statistics_dtype(new.dtype))
+        return result
 
 
 class RunningStatsLayer(NormLayer):
     """Mixin for layers with running statistics (batch and instance norm).
 
-    * Running statistics stay float32 when the module is cast to float16/bfloat16
-      (``model.half()``) or built with such a dtype: 16-bit EMAs lose the small updates.
+    * Running statistics stay float32 under ``model.half()`` (see :class:`NormLayer`).
     * ``on_nonfinite`` says what a training batch with non-finite statistics does: it never
       changes the running statistics or ``num_batches_tracked``, in eager or compiled code;
       ``"warn"`` (default) warns naming the layer, ``"skip"`` is silent, ``"raise"`` raises
@@ -140,53 +182,44 @@ class RunningStatsLayer(NormLayer):
         w = getattr(self, "weight", None)
         return None if w is None else w.device
 
-    def _keep_stats_float32(self) -> None:
-        for key in ("running_mean", "running_var"):
-            buf = self._buffers.get(key)
-            if buf is not None and buf.dtype in _HALF_DTYPES:
-                self._buffers[key] = buf.float()
-
-    def _apply(self, fn, recurse=True):
-        before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
-        result = super()._apply(fn, recurse)
-        for key, old in before.items():
-            new = self._buffers.get(key)
-            if old is not None and new is not None and new.dtype in _HALF_DTYPES:
-                # Move the float32 original rather than up-casting the rounded 16-bit copy.
-                self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
-        return result
-
     def _store_stats(
-        self, running_mean: Tensor, running_var: Tensor, updated: Tensor, num_batches_tracked: Tensor | None = None
+        self, running_mean: Tensor, running_var: Tensor, updated: Tensor, num_batches_tracked: Tensor | None = None,
+        row: int | None = None,
     ) -> None:
-        """Write new running statistics (and the batch count, if given) into the buffers, unless
-        this forward is a recomputation inside backward (see the class docstring).
+        """Write new running statistics (and the batch count, if given) into the buffers (into row
+        ``row`` of them, for per-step statistics), unless this forward is a recomputation inside
+        backward (see the class docstring).
 
         ``updated`` is the functional's flag: the new statistics were already kept at the old
         values where it is False, so the writes need no branch; only the report asks the host,
         and only where that is free (eager CPU) or asked for (``"raise"`` in eager code)."""
-        if in_backward():
-            return
-        # A compiled graph cannot raise on a device value without a host read and a graph break:
-        # there the batch is counted below and the error comes at model.eval() (see train).
-        if self.on_nonfinite == "raise" and updated is not _TRUE and not _compiling() and not bool(updated):
+        compiled = torch.compiler.is_compiling()
+        if _current_graph_task_id is not None and not compiled and _current_graph_task_id() != -1:
+            return  # in_backward(), inline: this runs for every layer at every step
+        # Eager CPU: the flag is on the host, reading it is free. A compiled graph cannot raise on
+        # a device value without a host read and a graph break: there the batch is counted on the
+        # device and the error comes at model.eval() (see train).
+        on_host = not compiled and (updated.is_cpu or self.on_nonfinite == "raise")
+        finite = bool(updated) if on_host else None
+        if finite is False and self.on_nonfinite == "raise":
             raise FloatingPointError(
                 f"{self._label()}: the batch statistics are not finite (NaN or inf in the input or "
                 f"in an earlier layer); the running statistics were left unchanged. Construct the "
                 f"layer with on_nonfinite='warn' or 'skip' to continue past such batches."
             )
         buffers = self._buffers
+        mean, var, count = buffers["running_mean"], buffers["running_var"], buffers.get("num_batches_tracked")
+        if row is not None:
+            mean, var, count = mean[row], var[row], count[row]
         # Running statistics carry no gradient; detach() is cheaper than a no_grad() block.
-        buffers["running_mean"].copy_(running_mean.detach())
-        buffers["running_var"].copy_(running_var.detach())
+        mean.copy_(running_mean.detach())
+        var.copy_(running_var.detach())
         if num_batches_tracked is not None:
-            buffers["num_batches_tracked"].copy_(num_batches_tracked)
-        if updated is _TRUE:  # the eager CPU fast path's answer, known on the host
-            return
-        if _compiling() or updated.device.type != "cpu":
+            count.copy_(num_batches_tracked)
+        if finite is None:
             # Count on the device (a bool adds 0 or 1); report when leaving training mode.
             buffers["num_batches_skipped"].add_(~updated)
-        elif not bool(updated):  # free on the CPU: count and warn at once
+        elif not finite:  # on the host: count and warn at once
             buffers["num_batches_skipped"].add_(1)
             if self.on_nonfinite == "warn":
                 self._report_skips()
@@ -234,3 +267,174 @@ class RunningStatsLayer(NormLayer):
 def check_momentum(owner: str, momentum: float | None) -> None:
     """Validate a layer's momentum with the owner's name in the message."""
     _stats.check_momentum(momentum, owner=owner)
+
+
+SingleSample = Literal["error", "running"]
+_SINGLE_SAMPLE = ("error", "running")
+
+
+class BatchNormTemplate(RunningStatsLayer):
+    """The one batch-norm forward (see the module docstring), and the options every batch norm
+    shares: ``single_sample``, ``on_nonfinite``, ``unbiased``, ``stable_stats``.
+
+    * ``single_sample``: a training batch with one value per channel (fewer than 2 valid
+      positions under a mask) raises a ``ValueError`` that names the layer and the fixes
+      (``"error"``, default), or is normalized with the running statistics, which stay unchanged
+      (``"running"``).
+    * ``on_nonfinite``: a batch with NaN/inf statistics never poisons the running statistics
+      (see :class:`RunningStatsLayer`).
+    * ``unbiased``: store the unbiased batch variance in ``running_var`` (True, torch's
+      convention) or the biased one (Keras, Flax).
+    * ``stable_stats``: CPU channels_last and 2-D input get statistics and gradients as accurate
+      as NCHW input (see :func:`normlab.functional.batch_norm`).
+
+    A variant sets ``_functional`` (a :mod:`normlab.functional` function with
+    :func:`~normlab.functional.batch_norm`'s arguments), returns its own keyword arguments from
+    ``_variant_options``, and sets ``_pools = False`` if it takes its updates itself inside
+    :func:`normlab.accumulate`.
+    """
+
+    # Set by normlab.accumulate for the duration of its block: an object with
+    # add(mean, var, count) that pools the micro-batches' statistics instead of updating.
+    _accumulator = None
+    _functional = staticmethod(NF.batch_norm)
+    _pools = True
+    single_sample: SingleSample = "error"
+    unbiased = True
+    stable_stats = True
+
+    def _init_batch_options(self, single_sample: SingleSample, on_nonfinite: NonFinitePolicy, unbiased: bool,
+                            stable_stats: bool, dtype: torch.dtype | None) -> None:
+        check_choice(type(self).__name__, "single_sample", single_sample, _SINGLE_SAMPLE)
+        self.single_sample = single_sample
+        self.unbiased = bool(unbiased)
+        self.stable_stats = bool(stable_stats)
+        self._init_options(on_nonfinite, dtype)
+
+    def _options_repr(self) -> str:
+        return "".join(f", {key}={getattr(self, key)!r}" for key, default in (
+            ("single_sample", "error"), ("on_nonfinite", "warn"), ("unbiased", True), ("stable_stats", True))
+            if getattr(self, key) != default)
+
+    def _check_input(self, input: Tensor) -> None:
+        """The rank (torch's ``_check_input_dim``) and the channel count."""
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._label()}: expected {self.num_features} channels in dimension 1, got input "
+                f"of shape {tuple(input.shape)}; check the preceding layer's output size."
+            )
+
+    def _variant_options(self, update: bool) -> dict:
+        """The variant's own keyword arguments of ``_functional`` (and of
+        :func:`~normlab.functional.batch_norm_with_stats` when pooling); ``update``: this call
+        trains with running statistics."""
+        return {}
+
+    def _batch_norm_forward(self, input: Tensor, mask: Tensor | None = None, *, row: int | None = None,
+                            name: str | None = None) -> Tensor:
+        """Check, normalize, then store (or pool) the statistics: every batch-norm variant's
+        forward. ``row`` picks a row of per-step running statistics (``(steps, C)`` buffers);
+        ``name`` replaces the layer's label in messages."""
+        self._check_input(input)
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        tracking = running_mean is not None and running_var is not None
+        count = buffers.get("num_batches_tracked") if tracking else None
+        if not tracking:
+            running_mean = running_var = None
+        elif row is not None:
+            running_mean, running_var, count = running_mean[row], running_var[row], count[row]
+        training = self.training or not tracking
+        update = training and tracking
+        pooling = update and self._pools and self._accumulator is not None
+        options = self._variant_options(update)
+        if mask is not None:
+            options["mask"] = mask
+        result = self._normalize(input, running_mean, running_var, count, training, pooling,
+                                 name or self._label(), options)
+        if isinstance(result, NF.BatchStats):
+            if pooling:  # inside normlab.accumulate: the running statistics move at the optimizer step
+                if not in_backward():  # a checkpoint's recomputation was pooled at the original forward
+                    self._accumulator.add(result.mean, result.var, int(result.count))
+            elif update:
+                self._apply_batch_stats(result.mean, result.var, result.count, row)
+            return result.output
+        if result.updated is not None:
+            self._store_stats(result.running_mean, result.running_var, result.updated, result.num_batches_tracked,
+                              row)
+        return result.output
+
+    def _normalize(self, input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                   count: Tensor | None, training: bool, pooling: bool, name: str,
+                   options: dict) -> NF.BatchNormResult | NF.BatchStats:
+        """The functional call: the variant's functional, or, when pooling, the batch statistics
+        of its forward (:func:`~normlab.functional.batch_norm_with_stats`)."""
+        # Read parameters from their dict: Module.__getattr__ costs microseconds a call, and this
+        # runs for every layer at every step.
+        params = self._parameters
+        if pooling:
+            return NF.batch_norm_with_stats(
+                input, params.get("weight"), params.get("bias"), self.eps, stable_stats=self.stable_stats,
+                running_mean=running_mean, running_var=running_var, single_sample=self.single_sample,
+                name=name, **options,
+            )
+        return self._functional(
+            input, running_mean=running_mean, running_var=running_var, weight=params.get("weight"),
+            bias=params.get("bias"), training=training, momentum=self.momentum, eps=self.eps,
+            num_batches_tracked=count, unbiased=self.unbiased, stable_stats=self.stable_stats,
+            single_sample=self.single_sample, name=name, **options,
+        )
+
+    def _apply_batch_stats(self, mean: Tensor, var: Tensor, count: int | Tensor, row: int | None = None) -> None:
+        """One running-statistics update from batch statistics (mean, biased variance, count),
+        as from one batch of ``count`` values per channel (:func:`normlab.functional.apply_batch_stats`)."""
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        if running_mean is None or running_var is None:
+            return
+        num_batches = buffers.get("num_batches_tracked")
+        if row is not None:
+            running_mean, running_var, num_batches = running_mean[row], running_var[row], num_batches[row]
+        r = NF.apply_batch_stats(running_mean, running_var, mean, var, count, self.momentum, num_batches,
+                                 self.unbiased, name=self._label())
+        if r.updated is not None:
+            self._store_stats(r.running_mean, r.running_var, r.updated, r.num_batches_tracked, row)
+
+    def _apply_accumulated(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """The pooled statistics of a :func:`normlab.accumulate` block, applied as one batch's."""
+        self._apply_batch_stats(mean, var, count)
+
+
+class BatchNormLayer(BatchNormTemplate):
+    """A batch norm over ``torch.nn``'s ``_BatchNorm``: torch's constructor arguments, then the
+    options every normlab batch norm shares (keyword-only; see :class:`BatchNormTemplate`). The
+    one place they are declared: a variant adds its own keywords and passes ``**options`` on."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        single_sample: SingleSample = "error",
+        on_nonfinite: NonFinitePolicy = "warn",
+        unbiased: bool = True,
+        stable_stats: bool = True,
+    ) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_features", num_features)
+        check_eps(owner, eps)
+        check_momentum(owner, momentum)
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, device=device, dtype=dtype,
+        )
+        self._init_batch_options(single_sample, on_nonfinite, unbiased, stable_stats, dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._options_repr()

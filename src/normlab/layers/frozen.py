@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..stats import statistics_dtype
 from .base import NormLayer, check_eps, check_momentum, check_positive_int
 
 __all__ = [
@@ -38,9 +39,6 @@ __all__ = [
     "FrozenBatchNormAct2d",
     "FrozenBatchNormAct3d",
 ]
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
 
 class _FrozenBatchNorm(NormLayer, nn.Module):
     """The state and forward shared by FrozenBatchNorm1d/2d/3d (they differ in the input check)."""
@@ -75,9 +73,9 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         else:
             self.register_buffer("weight", None)
             self.register_buffer("bias", None)
-        stats_dtype = torch.float32 if dtype in _HALF_DTYPES else dtype
-        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=stats_dtype))
-        self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=stats_dtype))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self._keep_stats_float32()
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     @classmethod
@@ -124,7 +122,7 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
     def scale_shift(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """``(scale, shift)`` of shape ``(C,)``: ``y = x * scale + shift`` (float32 for 16-bit state)."""
         mean, var = self.running_mean, self.running_var
-        acc = dtype or (torch.float32 if mean.dtype in _HALF_DTYPES else mean.dtype)
+        acc = dtype or statistics_dtype(mean.dtype)
         scale = torch.rsqrt(var.to(acc) + self.eps)
         if self.weight is not None:
             scale = scale * self.weight.to(acc)
@@ -146,23 +144,12 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
             # An integer image: the affine map of its values, in the statistics' dtype (casting the
             # result back to an integer type would round it to zeros).
             input = input.to(self.running_mean.dtype)
-        acc = torch.float32 if input.dtype in _HALF_DTYPES else input.dtype
-        scale, shift = self.scale_shift(acc)
+        scale, shift = self.scale_shift(statistics_dtype(input.dtype))
         view = (1, -1) + (1,) * (input.dim() - 2)
         # One fused kernel; autograd saves the (C,) scale for dx and the input only when the
         # weight itself requires a gradient (torch.func users differentiating through buffers).
         out = torch.addcmul(shift.view(view), input, scale.view(view))
         return out if out.dtype == input.dtype else out.to(input.dtype)
-
-    def _apply(self, fn, recurse=True):
-        before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
-        result = super()._apply(fn, recurse)
-        for key, old in before.items():
-            new = self._buffers.get(key)
-            if old is not None and new is not None and new.dtype in _HALF_DTYPES:
-                # Statistics stay float32 under model.half(), as in normlab's batch norm.
-                self._buffers[key] = old.to(device=new.device, dtype=torch.float32)
-        return result
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -38,8 +38,6 @@ one output in place, the backward copies each slice of the input gradient into p
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor, nn
 
 from .. import functional as NF
@@ -49,7 +47,13 @@ __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
 class _GhostBatchNormMixin(_BatchNormMixin):
-    """The forward and options shared by GhostBatchNorm1d/2d/3d (they differ only in the input check)."""
+    """What GhostBatchNorm1d/2d/3d add to batch norm (they differ only in the input check):
+    ``virtual_batch_size`` and :func:`normlab.functional.ghost_batch_norm`."""
+
+    _functional = staticmethod(NF.ghost_batch_norm)
+    # Inside normlab.accumulate the updates still go virtual batch by virtual batch: that is
+    # already what the full batch would do (see the module docstring), so nothing is pooled.
+    _pools = False
 
     def __init__(
         self,
@@ -62,52 +66,17 @@ class _GhostBatchNormMixin(_BatchNormMixin):
         dtype=None,
         *,
         virtual_batch_size: int = 32,
-        single_sample: Literal["error", "running"] = "error",
-        on_nonfinite: Literal["warn", "skip", "raise"] = "warn",
-        unbiased: bool = True,
-        stable_stats: bool = True,
+        **options,
     ) -> None:
-        owner = type(self).__name__
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-            raise TypeError(
-                f"{owner}: virtual_batch_size must be an int >= 2, got "
-                f"{type(virtual_batch_size).__name__} {virtual_batch_size!r}."
-            )
-        if virtual_batch_size < 2:
-            raise ValueError(
-                f"{owner}: virtual_batch_size must be >= 2 (a virtual batch of one sample has no "
-                f"batch statistics), got {virtual_batch_size}; Hoffer et al. used 128."
-            )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            single_sample=single_sample, on_nonfinite=on_nonfinite, unbiased=unbiased,
-            stable_stats=stable_stats,
-        )
+        NF.ghost_batch_sizes(0, virtual_batch_size, name=type(self).__name__)  # checks it, at construction
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
-        tracking, use_batch_stats = self._begin(input)
-        buffers, params = self._buffers, self._parameters
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        # Inside normlab.accumulate the updates still go virtual batch by virtual batch: that is
-        # already what the full batch would do (see the module docstring), so nothing is pooled.
-        result = NF.ghost_batch_norm(
-            input,
-            self.virtual_batch_size,
-            running_mean if tracking else None,
-            running_var if tracking else None,
-            params["weight"],
-            params["bias"],
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=buffers["num_batches_tracked"],
-            unbiased=self.unbiased,
-            stable_stats=self.stable_stats,
-        )
-        if result.updated is not None:
-            self._store_stats(result.running_mean, result.running_var, result.updated, result.num_batches_tracked)
-        return result.output
+        return self._batch_norm_forward(input)
+
+    def _variant_options(self, update: bool) -> dict:
+        return {"virtual_batch_size": self.virtual_batch_size}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
@@ -125,7 +94,8 @@ class GhostBatchNorm1d(_GhostBatchNormMixin, nn.BatchNorm1d):
             :class:`normlab.BatchNorm1d` (torch's); ``momentum`` applies per virtual batch.
         virtual_batch_size: samples per virtual batch, an int >= 2 (default 32; Hoffer et al.
             used 128 within batches of 4096).
-        single_sample, on_nonfinite, unbiased, stable_stats: as :class:`normlab.BatchNorm1d`.
+        single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
+            :class:`normlab.BatchNorm1d`.
 
     >>> import torch
     >>> from normlab.layers.ghost import GhostBatchNorm1d

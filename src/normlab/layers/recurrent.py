@@ -27,16 +27,13 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import functional as NF
-from .base import RunningStatsLayer, check_choice, check_eps, check_momentum, check_positive_int
+from .base import BatchNormTemplate, SingleSample, check_eps, check_momentum, check_positive_int
 from .layer import LayerNorm
 
 __all__ = ["BNLSTM", "LNLSTM", "RecurrentBatchNorm"]
 
-SingleSample = Literal["error", "running"]
 
-
-class RecurrentBatchNorm(RunningStatsLayer, nn.Module):
+class RecurrentBatchNorm(BatchNormTemplate, nn.Module):
     """Batch norm over ``(N, C)`` with separate running statistics per time step.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``: batch statistics in training (over
@@ -90,13 +87,11 @@ class RecurrentBatchNorm(RunningStatsLayer, nn.Module):
         check_positive_int(owner, "max_steps", max_steps)
         check_eps(owner, eps)
         check_momentum(owner, momentum)
-        check_choice(owner, "single_sample", single_sample, ("error", "running"))
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.max_steps = num_features, max_steps
         self.eps, self.momentum = eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        self.single_sample, self.unbiased = single_sample, bool(unbiased)
         self.weight = nn.Parameter(torch.ones(num_features, **factory)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if affine and bias else None
         if track_running_stats:
@@ -108,7 +103,7 @@ class RecurrentBatchNorm(RunningStatsLayer, nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self._init_options(on_nonfinite, dtype)
+        self._init_batch_options(single_sample, on_nonfinite, unbiased, True, dtype)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -123,49 +118,28 @@ class RecurrentBatchNorm(RunningStatsLayer, nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    # Per-step statistics are not pooled by normlab.accumulate: each micro-batch updates its rows.
+    _pools = False
+    _apply_accumulated = None
+
     def forward(self, input: Tensor, step: int, mask: Tensor | None = None) -> Tensor:
         t = self._row(step)
+        self._check_step_input(input)
+        rows = None if mask is None else self._valid_rows(input, mask)
+        selected = input if rows is None else input.index_select(0, rows)
+        # The valid rows alone, with row t of the statistics: batch norm's template.
+        out = self._batch_norm_forward(selected, row=t, name=f"{self._label()} at step {step}")
+        return out if rows is None else torch.zeros_like(input).index_copy(0, rows, out)
+
+    def _check_input(self, input: Tensor) -> None:
+        pass  # checked in forward, before the valid rows are picked (_check_step_input)
+
+    def _check_step_input(self, input: Tensor) -> None:
         if input.dim() != 2 or input.shape[1] != self.num_features:
             raise ValueError(
                 f"{self._label()}: expected input (N, {self.num_features}) for one time step, got shape "
                 f"{tuple(input.shape)}; call the layer once per step with x[:, t]."
             )
-        rows = None if mask is None else self._valid_rows(input, mask)
-        selected = input if rows is None else input.index_select(0, rows)
-        buffers = self._buffers
-        tracking = buffers["running_mean"] is not None
-        use_batch_stats = self.training or not tracking
-        if use_batch_stats and selected.shape[0] == 1:
-            if not (self.single_sample == "running" and tracking):
-                got = f"input of shape {tuple(input.shape)}" if mask is None else "one valid row in the mask"
-                raise ValueError(
-                    f"{self._label()}: training needs more than one valid row at step {step} to compute "
-                    f"batch statistics, got {got}. "
-                    f"Build the layer with single_sample='running' to normalize such steps with the "
-                    f"step's running statistics (BNLSTM does), or use larger batches."
-                )
-            use_batch_stats = False
-        result = NF.batch_norm(
-            selected,
-            buffers["running_mean"][t] if tracking else None,
-            buffers["running_var"][t] if tracking else None,
-            self.weight,
-            self.bias,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=buffers["num_batches_tracked"][t] if tracking else None,
-            unbiased=self.unbiased,
-        )
-        if result.updated is not None:
-            new_mean, new_var = buffers["running_mean"].clone(), buffers["running_var"].clone()
-            new_count = buffers["num_batches_tracked"].clone()
-            new_mean[t], new_var[t], new_count[t] = result.running_mean, result.running_var, result.num_batches_tracked
-            # Not under torch.utils.checkpoint's recomputation: each step is taken in once.
-            self._store_stats(new_mean, new_var, result.updated, new_count)
-        if rows is None:
-            return result.output
-        return torch.zeros_like(input).index_copy(0, rows, result.output)
 
     def _row(self, step: int) -> int:
         try:
@@ -198,10 +172,7 @@ class RecurrentBatchNorm(RunningStatsLayer, nn.Module):
         )
         if self.affine and self.bias is None:
             extra += ", bias=False"
-        for key, default in (("single_sample", "error"), ("on_nonfinite", "warn"), ("unbiased", True)):
-            if getattr(self, key) != default:
-                extra += f", {key}={getattr(self, key)!r}"
-        return extra
+        return extra + self._options_repr()
 
 
 def _describe(mask: object) -> str:

@@ -38,13 +38,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
-from .base import in_backward
 from .batch import _BatchNormMixin
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "LinearRamp", "renorm_schedule"]
@@ -148,7 +146,10 @@ def _check_limit(owner: str, name: str, value: object, low: float) -> None:
 
 
 class _BatchRenormMixin(_BatchNormMixin):
-    """The forward and options shared by BatchRenorm1d/2d/3d (they differ only in the input check)."""
+    """What BatchRenorm1d/2d/3d add to batch norm (they differ only in the input check): the
+    limits and their schedules, and :func:`normlab.functional.batch_renorm`."""
+
+    _functional = staticmethod(NF.batch_renorm)
 
     def __init__(
         self,
@@ -162,19 +163,12 @@ class _BatchRenormMixin(_BatchNormMixin):
         *,
         r_max: Limit = _PAPER["r_max"],
         d_max: Limit = _PAPER["d_max"],
-        single_sample: Literal["error", "running"] = "error",
-        on_nonfinite: Literal["warn", "skip", "raise"] = "warn",
-        unbiased: bool = True,
-        stable_stats: bool = True,
+        **options,
     ) -> None:
         owner = type(self).__name__
         _check_limit(owner, "r_max", r_max, 1.0)
         _check_limit(owner, "d_max", d_max, 0.0)
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            single_sample=single_sample, on_nonfinite=on_nonfinite, unbiased=unbiased,
-            stable_stats=stable_stats,
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.r_max = r_max
         self.d_max = d_max
 
@@ -208,37 +202,17 @@ class _BatchRenormMixin(_BatchNormMixin):
         return values[0], values[1]
 
     def forward(self, input: Tensor) -> Tensor:
-        tracking, use_batch_stats = self._begin(input)
-        buffers, params = self._buffers, self._parameters
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        if not (use_batch_stats and tracking):
-            # Eval mode, or no running statistics to correct towards (r = 1, d = 0): batch norm.
-            return NF.batch_norm(
-                input, running_mean if tracking else None, running_var if tracking else None,
-                params["weight"], params["bias"], training=use_batch_stats, momentum=self.momentum,
-                eps=self.eps, stable_stats=self.stable_stats,
-            ).output
-        r_max, d_max = self.limits(buffers["num_batches_tracked"])
-        accumulator = getattr(self, "_accumulator", None)
-        if accumulator is not None and input.numel() > 0:
-            # Inside normlab.accumulate: correct towards the running statistics as they stand
-            # (they move once, at the optimizer step) and pool this micro-batch's statistics.
-            out, mean, var, _ = NF._batch_renorm_train(
-                input, running_mean, running_var, params["weight"], params["bias"], self.eps,
-                r_max, d_max, self.stable_stats,
-            )
-            if not in_backward():
-                accumulator.add(mean, var, input.numel() // input.shape[1])
-            return out
-        result = NF.batch_renorm(
-            input, running_mean, running_var, params["weight"], params["bias"], training=True,
-            momentum=self.momentum, eps=self.eps, r_max=r_max, d_max=d_max,
-            num_batches_tracked=buffers["num_batches_tracked"], unbiased=self.unbiased,
-            stable_stats=self.stable_stats,
-        )
-        if result.updated is not None:
-            self._store_stats(result.running_mean, result.running_var, result.updated, result.num_batches_tracked)
-        return result.output
+        return self._batch_norm_forward(input)
+
+    def _variant_options(self, update: bool) -> dict:
+        # The limits at this step, for a training step with running statistics to correct towards
+        # (elsewhere batch renorm is batch norm, and a schedule is not called). Inside
+        # normlab.accumulate each micro-batch is corrected towards the running statistics as
+        # they stand, which move once, at the optimizer step.
+        if not update:
+            return {}
+        r_max, d_max = self.limits(self._buffers["num_batches_tracked"])
+        return {"r_max": r_max, "d_max": d_max}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max!r}, d_max={self.d_max!r}"
@@ -260,7 +234,8 @@ class BatchRenorm1d(_BatchRenormMixin, nn.BatchNorm1d):
             default Ioffe's schedule, 1 until step 5000, then linear to 3 at step 40000.
         d_max: the largest shift correction, a number >= 0 or a schedule; default 0 until step
             5000, then linear to 5 at step 25000. See :func:`renorm_schedule`.
-        single_sample, on_nonfinite, unbiased, stable_stats: as :class:`normlab.BatchNorm1d`.
+        single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
+            :class:`normlab.BatchNorm1d`.
 
     Inside ``normlab.accumulate`` each micro-batch is corrected towards the running statistics
     as they stand, which move once per optimizer step; the schedules then count optimizer steps.

@@ -26,8 +26,9 @@ positions) is left out of every norm's statistics, so all norms are calibrated o
 batches; the skipped batches are counted, warned about once (:class:`NonFiniteStatisticsWarning`)
 and reported. If every batch is non-finite, that is an error.
 
-Under ``torch.distributed`` the per-rank ``(n, n m, M2)`` are all-reduced, so every rank gets
-the statistics of the union of its batches. Every mode and momentum is restored afterwards.
+Under ``torch.distributed`` the per-rank ``(n, mean, M2)`` are gathered and pooled
+(:func:`normlab.functional.sync.gather_moments`, as the synchronized layers pool theirs), so
+every rank gets the statistics of the union of its batches. Every mode and momentum is restored afterwards.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 from torch import Tensor, nn
 
+from ..functional.sync import gather_moments, world_size
 from ..layers.base import NonFiniteStatisticsWarning
-from ..stats import Moments, combine_moments
 from ..layers.kinds import norm_kind
+from ..stats import Moments
 from .walk import find_modules
 
 __all__ = ["RecalibrationReport", "RecalibrationResult", "recalibrate_bn"]
@@ -261,7 +263,7 @@ def _collect(
     finally:
         for handle in handles:
             handle.remove()
-    _all_reduce(result, layers)
+    _all_reduce(result, layers, where)
     return result
 
 
@@ -280,32 +282,20 @@ def collect_moments(
     return _collect(model, layers, loader, num_batches, forward, where, skip_nonfinite=False).moments
 
 
-def _all_reduce(result: _Collected, layers: dict[str, nn.Module]) -> None:
-    """Replace each rank's moments and batch counts with those of all ranks together (one all_gather)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _all_reduce(result: _Collected, layers: dict[str, nn.Module], where: str) -> None:
+    """Replace each rank's moments and batch counts with those of all ranks together (one
+    all_gather, :func:`normlab.functional.sync.gather_moments`, as the synchronized layers pool)."""
+    if world_size() == 1:
         return
     moments = result.moments
     ref = next(iter(layers.values()))
     device = ref.running_mean.device if getattr(ref, "running_mean", None) is not None else _model_device(ref)
-    sizes = [layers[name].num_features for name in moments]
-    parts = [torch.tensor([float(result.batches), float(result.skipped)], dtype=torch.float64, device=device)]
-    for m, size in zip(moments.values(), sizes):
-        zeros = torch.zeros(size, dtype=torch.float64, device=device)
-        parts += [torch.tensor([float(m.count)], dtype=torch.float64, device=device),
-                  zeros if m.count == 0 else m.mean.to(device), zeros if m.count == 0 else m.m2.to(device)]
-    packed = torch.cat(parts)
-    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, packed)
-    table = torch.stack(gathered)
-    result.batches, result.skipped = (int(round(float(v))) for v in table[:, :2].sum(0))
-    offset = 2
-    for (name, m), size in zip(moments.items(), sizes):
-        counts = table[:, offset]
-        means = table[:, offset + 1 : offset + 1 + size]
-        m2s = table[:, offset + 1 + size : offset + 1 + 2 * size]
-        offset += 1 + 2 * size
-        total, mean, m2 = combine_moments(counts, means, m2s)
+    pooled, (batches, skipped) = gather_moments(
+        [(m.count, m.mean, m.m2) for m in moments.values()], [layers[name].num_features for name in moments],
+        sums=(result.batches, result.skipped), device=device, name=where,
+    )
+    result.batches, result.skipped = int(round(batches)), int(round(skipped))
+    for m, (total, mean, m2) in zip(moments.values(), pooled):
         m.reset()
         m.merge(int(round(float(total))), mean, m2)
 
