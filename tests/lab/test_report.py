@@ -315,3 +315,13 @@ def test_log_grid_axis_is_ticked_at_the_grid_values():
     spec = FigureSpec(kind="grid", title="t", ylabel="acc", metric="test_acc", axis="train.batch_size", logx=True)
     ax = plot_figure(spec, rows).axes[0]
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["2", "8", "32"]
+
+
+def test_grid_figure_draws_declared_levels():
+    rows = [{"step": 10, "arm": arm, "seed": seed, "point": {"params.scale": s}, "ratio": 1.05 + s / 100}
+            for arm in ("a", "b") for seed in range(3) for s in (1, 4)]
+    spec = FigureSpec(kind="grid", title="t", ylabel="r", metric="ratio", axis="params.scale",
+                      levels=((1.1, "declared bound"),))
+    ax = plot_figure(spec, rows).axes[0]
+    assert [line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == "--"] == [1.1]
+    assert "declared bound" in [t.get_text() for t in ax.texts]

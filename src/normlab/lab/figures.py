@@ -261,6 +261,10 @@ def _plot_grid(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) ->
             ax.axvline(x, color="0.5", lw=0.8, ls=":")
             ax.annotate(mark, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
                         fontsize="x-small", color="0.35")
+        for y, level in spec.levels:
+            ax.axhline(y, color="0.5", lw=0.8, ls="--")
+            ax.annotate(level, (0.0, y), xycoords=("axes fraction", "data"), va="bottom", ha="left",
+                        fontsize="x-small", color="0.35")
         if logx:
             ax.set_xscale("log")
             if len(set(xs_all)) <= 12:  # ticks at the grid's values, plainly labelled (2, 8, 32; not 2x10^0)

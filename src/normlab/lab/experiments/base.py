@@ -102,7 +102,8 @@ class FigureSpec:
         (a row key or probe name) reduced over a job's rows by ``reduce``: ``"final"`` (the
         last evaluation), ``"best"`` (max), ``"min"``, ``"mean"``. A numeric axis spanning more
         than 20x is drawn on a log scale (or always with ``logx``); a text axis as categories.
-        ``marks``: vertical lines ``((x, label), ...)`` (e.g. standard initializations).
+        ``marks``: vertical lines ``((x, label), ...)`` (e.g. standard initializations);
+        ``levels``: horizontal lines ``((y, label), ...)`` (e.g. a declared bound).
 
     For every kind, ``where`` keeps only the jobs at those grid values (``{"train.lr": 0.1}``),
     and ``panel`` draws one panel per value of that grid axis.
@@ -121,6 +122,7 @@ class FigureSpec:
     panel: str = ""
     where: tuple[tuple[str, Any], ...] = ()
     marks: tuple[tuple[float, str], ...] = ()
+    levels: tuple[tuple[float, str], ...] = ()
 
 
 @dataclass(frozen=True)

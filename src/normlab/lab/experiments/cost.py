@@ -140,11 +140,13 @@ class Cost(Experiment):
                    caption="Activation bytes saved during one forward pass and the loss (each storage once; "
                            "parameters and the input batch left out), by network size; one line per variant."),
         FigureSpec(kind="grid", metric="time_vs_none", axis="params.scale", panel="model.kind",
+                   levels=((1.0, "no norm"),),
                    title="Time per training step relative to no norm (same job, side by side)",
                    ylabel="step time / no-norm step time (median over rounds)",
                    caption="Per job, the median over the interleaved rounds of each variant's step time divided "
                            "by that of no norm in the same round; line: mean over repeats (seeds), band: their range."),
         FigureSpec(kind="grid", metric="time_vs_batch", axis="params.scale", panel="model.kind",
+                   levels=((1.0, "BN + leaky ReLU"), (1.1, "declared bound 1.10x")),
                    title="Time per training step relative to BN + leaky ReLU (same job, side by side)",
                    ylabel="step time / BN step time (median over rounds)",
                    caption="As the figure before, relative to BN + leaky ReLU (at 1): the fused layer's time cost, "
