@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..layers import batch as _nl_batch
 from ..layers.kinds import norm_kind
+from ..surgery.recalibrate import recalibrated_norms
 
 __all__ = ["PLAIN_EMA", "SHADOWS", "ShadowEMA", "accuracy", "batch_mate_dependence", "mate_batches", "momentum_key",
            "norms_in_training_mode", "recalibration_batches", "with_running_stats"]
@@ -38,13 +39,7 @@ def momentum_key(momentum: float) -> str:
 
 def with_running_stats(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The batch norms :func:`~normlab.surgery.recalibrate_bn` gives new statistics."""
-    out = []
-    for name, m in model.named_modules():
-        kind = norm_kind(m)
-        if kind is not None and kind.family == "batch" and kind.unknown is None and \
-                getattr(m, "running_mean", None) is not None:
-            out.append((name, m))
-    return out
+    return recalibrated_norms(model)
 
 
 class ShadowEMA:

@@ -49,7 +49,7 @@ from ..layers.kinds import norm_kind
 from ..stats import Moments
 from .walk import find_modules
 
-__all__ = ["RecalibrationReport", "RecalibrationResult", "recalibrate_bn"]
+__all__ = ["RecalibrationReport", "RecalibrationResult", "recalibrate_bn", "recalibrated_norms"]
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -62,6 +62,18 @@ def _recalibrates(name: str, module: nn.Module) -> bool:
     kind = norm_kind(module)
     return (kind is not None and kind.family == "batch" and kind.unknown is None
             and getattr(module, "running_mean", None) is not None)
+
+
+def recalibrated_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs :func:`recalibrate_bn` gives new statistics, in
+    ``named_modules`` order.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.LayerNorm(3))
+    >>> [name for name, _ in recalibrated_norms(net)]
+    ['1']
+    """
+    return find_modules(model, _recalibrates)
 
 
 def _unverified(model: nn.Module) -> list[str]:
@@ -413,7 +425,7 @@ def recalibrate_bn(
         raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}.")
     check_num_batches(num_batches, where)
     target = model if inplace else copy.deepcopy(model)
-    norms = dict(find_modules(target, _recalibrates))
+    norms = dict(recalibrated_norms(target))
     unverified = _unverified(target)
     if unverified:
         warnings.warn(
