@@ -5,6 +5,12 @@ loopback addresses: the head listens on 127.0.0.2 and further nodes on 127.0.0.3
 Every node is a ``ray start --block`` process in its own process group with its own temp folder;
 :meth:`LocalCluster.stop` kills exactly those groups and the workers their raylets spawned
 (never ``ray stop``, which would stop every Ray process of this user on the machine).
+
+Ray 2.60 turns token authentication on for a new ``ray.init()`` cluster and writes a token to
+``~/.ray/auth_token``, after which every ``ray start`` of this user on the machine requires it.
+The clusters here, reachable on loopback addresses only, run with ``RAY_AUTH_MODE=disabled``
+(set for this process too while it uses them), so nothing is written to the home folder, and
+keep their files in our temp folders (``RAY_TMPDIR``, for a cluster ``ray.init`` starts).
 """
 
 from __future__ import annotations
@@ -15,10 +21,28 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 HEAD_IP = "127.0.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
+AUTH = {"RAY_AUTH_MODE": "disabled"}
+
+
+@contextmanager
+def ray_environment(temp_dir: Path):
+    """This process's Ray settings while it uses our clusters: their authentication mode, and
+    ``temp_dir`` as the temp folder of a cluster that ``ray.init()`` starts."""
+    saved = {key: os.environ.get(key) for key in (*AUTH, "RAY_TMPDIR")}
+    os.environ.update(AUTH, RAY_TMPDIR=str(temp_dir))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port(host: str = HEAD_IP) -> int:
@@ -28,18 +52,19 @@ def free_port(host: str = HEAD_IP) -> int:
 
 
 class LocalCluster:
-    """A head at 127.0.0.2 and ``add_node`` nodes at 127.0.0.3, ... ; ``address`` is ``HOST:PORT``."""
+    """A head at ``head_ip`` (127.0.0.2) and ``add_node`` nodes at 127.0.0.3, ...; ``address`` is
+    ``HOST:PORT``; ``pythonpath`` is the nodes' (and so their workers') ``PYTHONPATH``."""
 
-    def __init__(self, temp_dir: Path, *, head_cpus: int = 1, pythonpath: str | None = None):
+    def __init__(self, temp_dir: Path, *, head_cpus: int = 1, pythonpath: str | None = None, head_ip: str = HEAD_IP):
         # Ray keeps session folders under the temp folder and refuses socket paths over 107 bytes.
         self.temp_dir = Path(temp_dir)
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         self.pythonpath = pythonpath
         self.nodes: list[subprocess.Popen] = []
-        self.port = free_port()
-        self.address = f"{HEAD_IP}:{self.port}"
+        self.port = free_port(head_ip)
+        self.address = f"{head_ip}:{self.port}"
         try:
-            self._start("head", ["--head", "--node-ip-address", HEAD_IP, "--port", str(self.port),
+            self._start("head", ["--head", "--node-ip-address", head_ip, "--port", str(self.port),
                                  "--num-cpus", str(head_cpus), "--include-dashboard", "false",
                                  "--dashboard-port", str(free_port()), "--temp-dir", str(self.temp_dir)])
         except BaseException:
@@ -47,7 +72,7 @@ class LocalCluster:
             raise
 
     def _start(self, name: str, options: list[str], pythonpath: str | None = None) -> subprocess.Popen:
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **AUTH)
         path = pythonpath if pythonpath is not None else self.pythonpath
         if path is not None:
             env["PYTHONPATH"] = path
@@ -78,7 +103,8 @@ class LocalCluster:
             time.sleep(0.2)
 
     def connect(self, timeout: float = 90.0) -> None:
-        """``ray.init`` this process to the cluster, retrying while the head starts."""
+        """``ray.init`` this process to the cluster, retrying while the head starts (inside
+        :func:`ray_environment`)."""
         import ray
 
         deadline = time.monotonic() + timeout

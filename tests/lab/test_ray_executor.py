@@ -27,7 +27,7 @@ from normlab.lab.job import Interrupted
 from normlab.lab.runfiles import read_jsonl
 from normlab.lab.trainer import Trainer
 
-from .ray_cluster import HEAD_IP, LocalCluster
+from .ray_cluster import HEAD_IP, LocalCluster, ray_environment
 from .small import EXPERIMENT, small_config
 
 ray = pytest.importorskip("ray", reason="the Ray executor's tests need Ray: pip install 'normlab[ray]'")
@@ -49,13 +49,18 @@ def cluster(request):
     # A short folder: Ray's socket paths under it must stay within 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="nlray-", dir="/tmp"))
     pythonpath = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
-    started = LocalCluster(temp, pythonpath=pythonpath)
+    environment = ray_environment(temp)
+    environment.__enter__()
+    started = None
 
     def stop():
-        started.stop()
+        if started is not None:
+            started.stop()
+        environment.__exit__(None, None, None)
         shutil.rmtree(temp, ignore_errors=True)
 
-    request.addfinalizer(stop)  # before anything else can fail
+    request.addfinalizer(stop)  # before anything can fail
+    started = LocalCluster(temp, pythonpath=pythonpath)
     started.add_node(SECOND_IP)
     started.connect()
     started.wait_for(2)
@@ -182,9 +187,11 @@ def test_issue17_a_failing_job_fails_the_ray_run_with_its_error(cluster, local_r
     bad = run / "checkpoints" / "none-seed1.pt"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a checkpoint")  # loading it raises inside the task
-    with pytest.raises(JobFailed, match=r"job ioffe2015-mnist: arm 'none', seed 1 failed: ValueError: cannot read the "
-                                        r"job.s checkpoint .*none-seed1.pt: delete it .*\(traceback: .*none-seed1.txt\)"):
+    expected = (r"job ioffe2015-mnist: arm 'none', seed 1 failed: ValueError: cannot read the job.s checkpoint "
+                r".*none-seed1.pt: delete it .*\(traceback: .*none-seed1.txt\)")
+    with pytest.raises(JobFailed, match=expected) as failed:
         Trainer(EXPERIMENT, small_config(), run, progress=False, executor=RayExecutor(cluster.address)).run()
+    assert f"checkpoint {run / 'checkpoints' / 'none-seed1.pt'}: delete it" in str(failed.value)  # not the node's scratch
     assert "UnpicklingError" in (run / "errors" / "none-seed1.txt").read_text()
     bad.unlink()
     rows = Trainer(EXPERIMENT, small_config(), run, resume=True, progress=False,
@@ -201,9 +208,14 @@ def test_issue17_ctrl_c_checkpoints_and_resume_continues_on_ray_or_locally(clust
         time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: the handler runs in the main thread
 
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(Interrupted, match="stopped; every finished job is kept and running ones checkpointed"):
-        Trainer(EXPERIMENT, config, run, progress=False, executor=RayExecutor(cluster.address)).run()
+    # A SIGINT that came after the run (it cannot, the jobs take seconds) must not stop pytest.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(Interrupted, match="stopped; every finished job is kept and running ones checkpointed"):
+            Trainer(EXPERIMENT, config, run, progress=False, executor=RayExecutor(cluster.address)).run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     steps = {p.stem: torch.load(p, weights_only=True)["step"] for p in (run / "checkpoints").glob("*.pt")}
     assert steps and all(0 < s <= 1500 for s in steps.values()), steps
     assert any(s < 1500 for s in steps.values()), f"nothing was left to resume: {steps}"
@@ -229,6 +241,25 @@ def test_issue17_normlab_run_executor_ray_writes_the_report_of_a_local_run(clust
         return [line for line in text.splitlines() if "training time" not in line]
 
     assert report("ray") == report("local")
+
+
+def test_issue17_a_suite_on_ray_writes_the_folders_and_index_of_a_local_suite(cluster, tmp_path):
+    from normlab.lab.suite import SuiteOptions, run_suite
+
+    options = SuiteOptions(["ioffe2015-mnist"], quick=True, overrides={
+        "data.name": "synthetic", "model.widths": [16, 16], "train.steps": 40, "train.seeds": 2,
+        "train.eval_every": 10})
+    run_suite(tmp_path / "local", options, jobs=1, progress=False)
+    run_suite(tmp_path / "ray", options, jobs=1, progress=False, executor=RayExecutor(cluster.address))
+    for name in ("local", "ray"):
+        assert (tmp_path / name / "ioffe2015-mnist" / "report.html").is_file()
+    assert comparable(read_jsonl(tmp_path / "ray" / "ioffe2015-mnist" / "metrics.jsonl")) == comparable(
+        read_jsonl(tmp_path / "local" / "ioffe2015-mnist" / "metrics.jsonl"))
+
+    def index(name):
+        return (tmp_path / name / "index.md").read_text().replace(str(tmp_path / name), "SUITE")
+
+    assert index("ray") == index("local")
 
 
 def test_issue17_without_ray_executor_ray_says_how_to_install_it(monkeypatch, capsys, tmp_path):
@@ -276,3 +307,37 @@ def test_issue17_a_node_without_normlab_is_named_in_a_clear_error(cluster, tmp_p
                     executor=RayExecutor(cluster.address)).run()
     finally:
         cluster.stop_node(node)
+
+
+def test_issue17_without_an_address_a_local_loopback_cluster_runs_the_jobs_and_is_stopped(cluster, local_rows,
+                                                                                         tmp_path):
+    import psutil
+
+    def started():  # live processes this test process started since ``before``
+        alive = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.pid not in before and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    ray.shutdown()  # this process's connection to the module's cluster: the executor must start its own
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        rows = Trainer(EXPERIMENT, small_config(), tmp_path / "run", progress=False,
+                       executor=RayExecutor(local_cpus=1)).run()
+        assert comparable(rows) == comparable(local_rows)
+        log = (tmp_path / "run" / "log.txt").read_text()
+        assert "4 jobs on a local Ray cluster: 127.0.0.2 (1 CPU)" in log
+        assert not ray.is_initialized()
+        deadline = time.monotonic() + 30
+        while started() and time.monotonic() < deadline:  # ray.init's gcs_server, raylet, ... are gone
+            time.sleep(0.2)
+        assert not started(), [p.name() for p in started()]
+    finally:
+        for proc in started():  # whatever is left, also when the test failed
+            proc.kill()
+        if not ray.is_initialized():
+            cluster.connect()

@@ -109,8 +109,9 @@ def _train(job: Job, checkpoint: bytes | None, board, key: str) -> dict[str, Any
         except Interrupted:
             outcome["status"] = "interrupted"
         except Exception as err:  # noqa: BLE001 - sent to the driver with its traceback
-            return {**outcome, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                    "traceback": traceback.format_exc()}
+            # Paths in the scratch folder are named as the run folder's, where the user looks.
+            return {**outcome, "status": "failed", "error": f"{type(err).__name__}: {err}".replace(scratch, job.run_dir),
+                    "traceback": traceback.format_exc().replace(scratch, job.run_dir)}
         finally:
             watcher.close()
         saved = paths.checkpoint(job.key)
@@ -236,7 +237,7 @@ class RayExecutor(Executor):
                         for ref, job in refs.items():
                             if _key(job) not in begun:
                                 ray.cancel(ref)
-        except KeyboardInterrupt:
+        except BaseException:  # a second Ctrl-C, or the driver could not write a result: stop at once
             for ref in refs:
                 ray.cancel(ref, force=True)
             raise
