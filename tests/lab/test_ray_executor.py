@@ -310,8 +310,12 @@ def test_issue17_a_node_without_normlab_is_named_in_a_clear_error(cluster, tmp_p
 
 
 def test_issue17_without_an_address_a_local_loopback_cluster_runs_the_jobs_and_is_stopped(cluster, local_rows,
-                                                                                         tmp_path):
+                                                                                         tmp_path, monkeypatch):
     import psutil
+
+    # As for a user who set nothing: the local cluster must not leave a Ray token in the home folder.
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
     def started():  # live processes this test process started since ``before``
         alive = []
@@ -332,6 +336,7 @@ def test_issue17_without_an_address_a_local_loopback_cluster_runs_the_jobs_and_i
         log = (tmp_path / "run" / "log.txt").read_text()
         assert "4 jobs on a local Ray cluster: 127.0.0.2 (1 CPU)" in log
         assert not ray.is_initialized()
+        assert not (tmp_path / "home" / ".ray").exists() and "RAY_AUTH_MODE" not in os.environ
         deadline = time.monotonic() + 30
         while started() and time.monotonic() < deadline:  # ray.init's gcs_server, raylet, ... are gone
             time.sleep(0.2)

@@ -182,8 +182,9 @@ class RayExecutor(Executor):
             if self.address is None:
                 from .executor import default_jobs
 
-                ray.init(num_cpus=self.local_cpus or default_jobs(), _node_ip_address=LOCAL_NODE_IP,
-                         include_dashboard=False, logging_level="ERROR", configure_logging=True)
+                with _local_auth():
+                    ray.init(num_cpus=self.local_cpus or default_jobs(), _node_ip_address=LOCAL_NODE_IP,
+                             include_dashboard=False, logging_level="ERROR", configure_logging=True)
             else:
                 ray.init(address=self.address, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -287,6 +288,23 @@ class RayExecutor(Executor):
         if outcome["status"] == "failed":
             outcome["failure"] = _failure(job, outcome["error"], outcome["traceback"])
         return outcome
+
+
+@contextmanager
+def _local_auth() -> Iterator[None]:
+    """Ray 2.60 turns token authentication on for a cluster that ``ray.init()`` starts and writes
+    a token to ``~/.ray/auth_token``, whose presence then turns it on for every later ``ray start``
+    of the user, and drivers joining those fail ("Missing authorization header"). normlab's
+    run-long local cluster, on a loopback address, goes without, unless ``RAY_AUTH_MODE`` says
+    otherwise; its processes keep the setting they started with."""
+    if "RAY_AUTH_MODE" in os.environ:
+        yield
+        return
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _key(job: Job) -> str:
