@@ -104,6 +104,14 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, metavar="N",
                         help="run the (arm, grid point, seed) jobs in N worker processes, one torch thread each "
                              "(default: the number of cores; 1 runs them in this process)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="where the jobs run: local worker processes (default), or Ray tasks on a cluster "
+                             "(pip install 'normlab[ray]'; README: Running the suite on a cluster)")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="with --executor ray: the cluster to join ('auto': the one ray start started on this "
+                             "machine; HOST:PORT: its head); default: start a local cluster for the run")
+    parser.add_argument("--job-cpus", type=float, metavar="N", help="with --executor ray: CPUs per job (default 1)")
+    parser.add_argument("--job-gpus", type=float, metavar="N", help="with --executor ray: GPUs per job (default 0)")
     parser.add_argument("--seeds", type=int, metavar="K", help="number of seeds (train.seeds)")
     parser.add_argument("--first-seed", type=int, metavar="S", help="seeds S, S+1, ... (train.first_seed)")
     parser.add_argument("--device", help="auto, cpu or cuda (train.device)")
@@ -126,6 +134,21 @@ def _jobs(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise _UsageError(f"--jobs must be at least 1, got {args.jobs}.")
     return args.jobs if args.jobs is not None else (1 if "WORLD_SIZE" in os.environ else default_jobs())
+
+
+def _executor(args):
+    """``--executor ray``: a RayExecutor (Ray imported now, so a missing extra fails first); else None."""
+    if args.executor != "ray":
+        given = [flag for flag, value in (("--address", args.address), ("--job-cpus", args.job_cpus),
+                                          ("--job-gpus", args.job_gpus)) if value is not None]
+        if given:
+            raise _UsageError(f"{', '.join(given)} only apply to --executor ray; add --executor ray or drop them.")
+        return None
+    from .lab.ray_executor import RayExecutor, import_ray
+
+    import_ray()
+    return RayExecutor(args.address, job_cpus=1 if args.job_cpus is None else args.job_cpus,
+                       job_gpus=0 if args.job_gpus is None else args.job_gpus, local_cpus=args.jobs)
 
 
 # The option that sets each config key, for the messages of check_user_overrides.
@@ -208,7 +231,8 @@ def _cmd_reproduce(args) -> int:
 
         tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
     try:
-        summaries = run_suite(out, options, jobs=_jobs(args), resume=args.resume, progress=not args.no_progress, say=say)
+        summaries = run_suite(out, options, jobs=_jobs(args), resume=args.resume, progress=not args.no_progress, say=say,
+                              executor=_executor(args))
     except Interrupted as stop:
         say(f"normlab: interrupted ({stop}); continue with the same command plus --resume --out {out}")
         return EXIT_INTERRUPTED
@@ -263,13 +287,16 @@ def _cmd_run(args) -> int:
     experiment, config = _resolve_config(args)
     run_dir = _run_dir(args, config)
     jobs = _jobs(args)
-    trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress, jobs=jobs)
+    executor = _executor(args)
+    trainer = Trainer(experiment, config, run_dir, resume=args.resume, progress=not args.no_progress, jobs=jobs,
+                      executor=executor)
     main = trainer.team.main
     if main:
         team = f", {trainer.team.world} processes" if trainer.team.active else ""
         points = len(grid_points(config))
         grid = f" x {points} grid points" if config.grid else ""
         workers = f", {jobs} worker processes" if jobs > 1 and not trainer.team.active else ""
+        workers = f", {executor}" if executor is not None else workers
         # The jobs' steps, which an experiment may derive per job (equal epochs at every batch size).
         steps = sorted({job.steps for job in trainer.jobs()})
         steps_text = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
@@ -333,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return _cmd_list()
         if args.command == "run":
+            if args.nproc is not None and args.executor == "ray":
+                raise _UsageError("--nproc and --executor ray do not combine: a data-parallel run trains in "
+                                  "processes on this machine; drop one of them.")
             if args.nproc is not None:
                 return _launch_torchrun(args, list(argv if argv is not None else sys.argv[1:]))
             return _cmd_run(args)

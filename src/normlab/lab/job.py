@@ -69,6 +69,11 @@ class RunPaths:
     def error(self, key: str) -> Path:
         return self.root / "errors" / f"{key}.txt"
 
+    @property
+    def log(self) -> Path:
+        """Lines about how the run ran (the Ray executor's cluster and retries)."""
+        return self.root / "log.txt"
+
 
 def _format_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)

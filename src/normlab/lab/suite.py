@@ -104,9 +104,11 @@ def run_suite(
     resume: bool = False,
     progress: bool = True,
     say: Callable[[str], None] = lambda line: None,
+    executor: Any = None,
 ) -> list[Summary]:
     """Run the suite into ``out`` and write every report and the index; return the summaries.
 
+    ``executor``: where the jobs run (default: ``jobs`` local worker processes).
     Each experiment's report is written as soon as its last job finishes; the index at the end
     (also when interrupted or failed, listing what is still missing).
 
@@ -129,20 +131,20 @@ def run_suite(
                               f"resume with the same ones or start a new --out.")
     experiments = all_experiments()
     runs = [Trainer(experiments[name], options.config(experiments[name]), out / name, resume=resume,
-                    progress=progress, jobs=jobs)
+                    progress=progress, jobs=jobs, executor=executor)
             for name in options.experiments]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, json.dumps(options.__dict__, indent=2) + "\n")
     total = sum(len(run.jobs()) for run in runs)
-    say(f"normlab: reproduce: {len(runs)} experiments, {total} jobs, {jobs} worker process"
-        f"{'es' if jobs != 1 else ''} -> {out}")
+    where = str(executor) if executor is not None else f"{jobs} worker process{'es' if jobs != 1 else ''}"
+    say(f"normlab: reproduce: {len(runs)} experiments, {total} jobs, {where} -> {out}")
 
     def finished(run) -> None:
         write_report(run.paths.root, experiment=run.experiment)
         say(f"normlab: {run.experiment.name}: done (report: {run.paths.root / 'report.html'})")
 
     try:
-        execute(runs, jobs=jobs, progress=progress, finished=finished)
+        execute(runs, jobs=jobs, progress=progress, finished=finished, executor=executor)
     finally:
         write_index(out)
     return [_summary(out / name) for name in options.experiments]

@@ -21,7 +21,7 @@ from .config import (ConfigError, ExperimentConfig, arm_config, config_from_dict
                      save_config)
 from .data import Dataset
 from .distributed import Team, join
-from .executor import make_executor
+from .executor import Executor, make_executor
 from .experiments.base import Experiment
 from .job import (BatchSampler, Interrupted, Job, RunPaths, dataset_for, job_key, make_optimizer,  # noqa: F401
                   resolve_device, run_job)  # some re-exported: the trainer is where users look for them
@@ -62,6 +62,7 @@ class Trainer:
         progress: show a progress bar with ETA (tqdm) on stderr.
         data: a loaded data set (else loaded from ``config.data``; worker processes load their own).
         jobs: worker processes (1: every job in this process, one after another).
+        executor: where the jobs run instead (e.g. a :class:`~normlab.lab.ray_executor.RayExecutor`).
 
     Raises:
         ConfigError: a bad config (checked for every arm and grid point before anything trains).
@@ -77,10 +78,11 @@ class Trainer:
         progress: bool = True,
         data: Dataset | None = None,
         jobs: int = 1,
+        executor: Executor | None = None,
     ):
         self.experiment, self.config = experiment, config
         self.paths = RunPaths(Path(run_dir))
-        self.resume, self.progress, self.workers = resume, progress, jobs
+        self.resume, self.progress, self.workers, self.executor = resume, progress, jobs, executor
         self.device = resolve_device(config.train.device)
         self.team: Team = join(self.device)
         configs = self._check_config()
@@ -187,14 +189,14 @@ class Trainer:
             Interrupted: stopped by a signal; every finished job is kept and ``resume`` continues.
             JobFailed: a job raised (its traceback is in ``errors/``) or its worker died.
         """
-        execute([self], jobs=self.workers, progress=self.progress)
+        execute([self], jobs=self.workers, progress=self.progress, executor=self.executor)
         return self.rows()
 
 
 def execute(runs: Sequence[Trainer], *, jobs: int = 1, progress: bool = True,
-            finished: Callable[[Trainer], None] = lambda run: None) -> None:
-    """Run the unfinished jobs of several runs through one executor (``jobs`` worker processes,
-    or this process for 1) and write each finished job into its run folder as it ends;
+            finished: Callable[[Trainer], None] = lambda run: None, executor: Executor | None = None) -> None:
+    """Run the unfinished jobs of several runs through one executor (``executor``, else ``jobs``
+    worker processes, or this process for 1) and write each finished job into its run folder as it ends;
     ``finished(run)`` is called when a run's last job is done. Metrics files are left in job
     order even when the run stops early."""
 
@@ -218,7 +220,7 @@ def execute(runs: Sequence[Trainer], *, jobs: int = 1, progress: bool = True,
             finished(run)
     try:
         with _progress_bar(total, progress and main) as bar:
-            make_executor(jobs, team=team).run(
+            (executor or make_executor(jobs, team=team)).run(
                 [job for _, job in pending], done=done, progress=bar.update,
                 data_of=lambda job: owner[(job.run_dir, job.key)].data,
             )
