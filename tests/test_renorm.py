@@ -189,12 +189,12 @@ def test_r_and_d_are_constants_in_backprop():
 
 
 def test_clipping_by_hand():
-    """Batch mean 2 and std 1 (eps=0) against running mean 0, variance 4 (sigma 2):
+    """Batch mean 2 and std 1 (eps=1e-12, negligible) against running mean 0, variance 4 (sigma 2):
     sigma_B / sigma = 0.5 and (mu_B - mu) / sigma = 1."""
     x = torch.tensor([[1.0], [3.0]])
     x_hat = torch.tensor([-1.0, 1.0])
     for r_max, d_max, r, d in [(3.0, 5.0, 0.5, 1.0), (1.5, 0.25, 1 / 1.5, 0.25), (1.0, 0.0, 1.0, 0.0)]:
-        layer = BatchRenorm1d(1, eps=0.0, r_max=r_max, d_max=d_max)
+        layer = BatchRenorm1d(1, eps=1e-12, r_max=r_max, d_max=d_max)
         with torch.no_grad():
             layer.running_var.fill_(4.0)
             layer.weight.fill_(2.0)
@@ -342,7 +342,7 @@ def test_callable_schedule_gets_the_count():
         (dict(r_max="3"), TypeError, r"r_max must be a number >= 1 or a schedule .*got str '3'"),
         (dict(d_max=None), TypeError, r"d_max must be a number >= 0 or a schedule .*got NoneType None"),
         (dict(momentum=2.0), ValueError, r"momentum must lie in \[0, 1\]"),
-        (dict(eps=-1.0), ValueError, r"eps must be >= 0"),
+        (dict(eps=-1.0), ValueError, r"eps must be a finite number > 0"),
     ],
     ids=["r_max", "d_max", "r_max-type", "d_max-type", "momentum", "eps"],
 )

@@ -171,7 +171,7 @@ def test_lstm_plain_arm_is_the_lstm_of_the_batch_norm_arm_without_norms():
     bn = build_model(lstm_config(norm="batch"), (1, 5, 5), 3).eval()
     for norm in (bn.rnn[0].layers[0].norm_ih, bn.rnn[0].layers[0].norm_hh, bn.rnn[0].layers[0].norm_c):
         norm.weight.data.fill_(1.0)
-        norm.eps = 0.0  # eval with running mean 0 and var 1: every BN is the identity
+        norm.running_var.fill_(1.0 - norm.eps)  # eval with running mean 0 and var + eps = 1: the identity
     x = torch.randn(4, 1, 5, 5)
     layer = bn.rnn[0].layers[0]
     want = _lstm_float64(plain.to_sequence(x), layer.weight_ih, layer.weight_hh, layer.bias)

@@ -114,7 +114,7 @@ def test_errors_on_input(make, shape, match):
 def test_errors_on_construction():
     with pytest.raises(ValueError, match=r"FrozenBatchNorm2d: num_features must be a positive int, got 0"):
         FrozenBatchNorm2d(0)
-    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d: eps must be >= 0"):
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d: eps must be a finite number > 0"):
         FrozenBatchNorm2d(3, eps=-1.0)
     with pytest.raises(TypeError, match=r"from_batchnorm: expected a batch-norm layer .* got GroupNorm"):
         FrozenBatchNorm2d.from_batchnorm(nn.GroupNorm(1, 4))

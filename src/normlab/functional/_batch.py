@@ -123,7 +123,7 @@ def batch_norm(
     >>> r.output.squeeze(1), r.running_mean, r.running_var
     (tensor([-1.0000,  1.0000]), tensor([1.]), tensor([1.5000]))
     """
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     if mask is not None:
         return _masked(input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked, unbiased, single_sample, name)
@@ -275,7 +275,7 @@ def masked_batch_norm(
     >>> masked_batch_norm(x, torch.tensor([True, True, False]), training=True).output.squeeze(1)
     tensor([-1.0000,  1.0000,  0.0000])
     """
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     return _masked(input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
                    num_batches_tracked, unbiased, single_sample, name)
 

@@ -167,7 +167,7 @@ def ghost_batch_norm(
     >>> import torch
     >>> x = torch.tensor([[0.0], [2.0], [10.0], [14.0]])
     >>> r = ghost_batch_norm(x, 2, torch.zeros(1), torch.ones(1), training=True, momentum=0.5,
-    ...                      eps=0.0, num_batches_tracked=torch.tensor(0))
+    ...                      eps=1e-12, num_batches_tracked=torch.tensor(0))
     >>> r.output.squeeze(1), int(r.num_batches_tracked)
     (tensor([-1.,  1., -1.,  1.]), 2)
     """
@@ -179,7 +179,7 @@ def ghost_batch_norm(
                           num_batches_tracked=num_batches_tracked, unbiased=unbiased, stable_stats=stable_stats,
                           single_sample=single_sample, name=name)
     # Two or more virtual batches of two or more samples each: every one has batch statistics.
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     update = training and running_mean is not None
     if training:
         N.check_update(momentum, num_batches_tracked if update else 0, name)

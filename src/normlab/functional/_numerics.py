@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import checks as _checks
 from .. import stats as _stats
 
 # The ``updated`` flag of the eager CPU fast paths, where the answer is known on the host; shared,
@@ -221,7 +222,8 @@ def ill_conditioned(mean: Tensor, var: Tensor, eps: float) -> bool:
 
 
 def check_input(input: Tensor, name: str) -> None:
-    """Batch statistics need input ``(N, C)`` or ``(N, C, *)``."""
+    """Batch statistics need a floating-point tensor ``(N, C)`` or ``(N, C, *)``."""
+    _checks.check_tensor(input, name)
     if input.dim() < 2:
         raise ValueError(
             f"{name}: input must be (N, C) or (N, C, *), got a {input.dim()}-D tensor of shape "
@@ -230,10 +232,12 @@ def check_input(input: Tensor, name: str) -> None:
 
 
 def check_batch_args(input: Tensor, name: str, running_mean: Tensor | None, running_var: Tensor | None,
-                     weight: Tensor | None, bias: Tensor | None) -> None:
-    """What every batch norm checks first: the input's rank, one value per channel in each
-    per-channel tensor, and both running statistics or neither."""
+                     weight: Tensor | None, bias: Tensor | None, eps: float) -> None:
+    """What every batch norm checks first: a floating-point input and its rank, eps, one value per
+    channel in each per-channel tensor, floating-point running statistics, both or neither."""
     check_input(input, name)
+    _checks.check_eps(eps, name)
+    _checks.check_float_stats(name, running_mean=running_mean, running_var=running_var)
     check_per_channel(input, input.shape[1], name, running_mean=running_mean, running_var=running_var,
                       weight=weight, bias=bias)
     if (running_mean is None) != (running_var is None):

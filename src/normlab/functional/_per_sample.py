@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import checks as _checks
 from .. import stats as _stats
 from ..stats import statistics_dtype
 from . import _numerics as N
@@ -54,6 +56,9 @@ def instance_norm(
     tensor([[[-1.2247,  0.0000,  1.2247],
              [-1.2247,  0.0000,  1.2247]]])
     """
+    _checks.check_tensor(input, "instance_norm")
+    _checks.check_eps(eps, "instance_norm")
+    _checks.check_float_stats("instance_norm", running_mean=running_mean, running_var=running_var)
     if input.dim() < 3:
         raise ValueError(
             f"instance_norm: input must be (N, C, L, ...) with at least one spatial dimension, got "
@@ -110,7 +115,9 @@ def layer_norm(
     >>> layer_norm(torch.tensor([[1.0, 3.0]]), 2)
     tensor([[-1.0000,  1.0000]])
     """
-    shape = _as_shape(normalized_shape)
+    shape = _as_shape(normalized_shape, "layer_norm")
+    _checks.check_tensor(input, "layer_norm")
+    _checks.check_eps(eps, "layer_norm")
     _check_trailing(input, shape, "layer_norm", weight=weight, bias=bias)
     return F.layer_norm(input, shape, N.match_input(weight, input), N.match_input(bias, input), eps)
 
@@ -121,24 +128,40 @@ def group_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    name: str = "group_norm",
 ) -> Tensor:
     """Group normalization: channels split into ``num_groups`` groups, statistics per sample and group.
 
     ``y = (x - mean[n, g]) / sqrt(var[n, g] + eps) * weight[c] + bias[c]`` for input ``(N, C, *)``.
+    Each group must hold more than one value (``C / num_groups * prod(*) > 1``): a group of one
+    value would output the bias whatever the input (``ValueError``; torch checks only a batch
+    of one). ``name``: the caller in messages.
 
     >>> import torch
     >>> group_norm(torch.tensor([[1.0, 3.0, 0.0, 2.0]]), 2)
     tensor([[-1.0000,  1.0000, -1.0000,  1.0000]])
     """
+    _checks.check_tensor(input, name)
+    _checks.check_eps(eps, name)
     if input.dim() < 2:
-        raise ValueError(f"group_norm: input must be (N, C, *), got shape {tuple(input.shape)}.")
+        raise ValueError(f"{name}: input must be (N, C, *), got shape {tuple(input.shape)}.")
     channels = input.shape[1]
-    if num_groups <= 0 or channels % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0 or channels % num_groups:
         raise ValueError(
-            f"group_norm: the {channels} channels must split evenly into num_groups groups, got "
-            f"num_groups={num_groups}; choose a divisor of {channels}."
+            f"{name}: the {channels} channels must split evenly into num_groups groups, got "
+            f"num_groups={num_groups!r}; choose a divisor of {channels}."
         )
-    N.check_per_channel(input, channels, "group_norm", weight=weight, bias=bias)
+    N.check_per_channel(input, channels, name, weight=weight, bias=bias)
+    per_group = channels // num_groups * math.prod(input.shape[2:])
+    if per_group == 1 and input.numel():
+        # Every value is its group's mean: the output would be the bias whatever the input.
+        raise ValueError(
+            f"{name}: each group must hold more than one value to compute its statistics, got one "
+            f"({channels // num_groups} channel(s) per group x {math.prod(input.shape[2:])} position(s)) for "
+            f"input of shape {tuple(input.shape)} and num_groups={num_groups}; use fewer groups (a divisor of "
+            f"{channels} below {num_groups}), or LayerNorm over the features."
+        )
     return F.group_norm(input, num_groups, N.match_input(weight, input), N.match_input(bias, input), eps)
 
 
@@ -154,10 +177,13 @@ def rms_norm(
     (torch's default). 16-bit input is computed in float32 and returned in its dtype.
 
     >>> import torch
-    >>> rms_norm(torch.tensor([[3.0, 4.0]]), 2, eps=0.0)
+    >>> rms_norm(torch.tensor([[3.0, 4.0]]), 2, eps=1e-12)
     tensor([[0.8485, 1.1314]])
     """
-    shape = _as_shape(normalized_shape)
+    shape = _as_shape(normalized_shape, "rms_norm")
+    _checks.check_tensor(input, "rms_norm")
+    if eps is not None:
+        _checks.check_eps(eps, "rms_norm")
     _check_trailing(input, shape, "rms_norm", weight=weight)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
@@ -167,10 +193,10 @@ def rms_norm(
     return F.rms_norm(input, shape, N.match_input(weight, input), eps)
 
 
-def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int):
-        return (normalized_shape,)
-    return tuple(normalized_shape)
+def _as_shape(normalized_shape: int | Sequence[int], where: str) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+    _checks.check_normalized_shape(shape, where)
+    return shape
 
 
 def _check_trailing(input: Tensor, shape: tuple[int, ...], where: str, **tensors: Tensor | None) -> None:

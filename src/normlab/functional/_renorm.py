@@ -135,7 +135,7 @@ def batch_renorm(
 
     >>> import torch
     >>> x = torch.tensor([[1.0], [3.0]])   # batch mean 2, std 1; running mean 0, var 1
-    >>> r = batch_renorm(x, torch.zeros(1), torch.ones(1), training=True, r_max=3.0, d_max=1.0, eps=0.0)
+    >>> r = batch_renorm(x, torch.zeros(1), torch.ones(1), training=True, r_max=3.0, d_max=1.0, eps=1e-12)
     >>> r.output.squeeze(1)                # x_hat * 1 + clip(2, -1, 1)
     tensor([0., 2.])
     """
@@ -144,7 +144,7 @@ def batch_renorm(
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked=num_batches_tracked, unbiased=unbiased, stable_stats=stable_stats,
                           single_sample=single_sample, name=name)
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     N.check_update(momentum, num_batches_tracked, name)
     n = N.values_per_channel(input)
     if n < 2 and _too_few(n, True, running_mean, single_sample, input, name):

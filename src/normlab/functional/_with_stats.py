@@ -88,7 +88,7 @@ def batch_norm_with_stats(
     >>> r.output.squeeze(1), r.mean, r.var, r.count
     (tensor([-1.0000,  1.0000,  0.0000]), tensor([2.]), tensor([1.]), 2)
     """
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     channels = input.shape[1]
     renorm = r_max is not None or d_max is not None
     if renorm:

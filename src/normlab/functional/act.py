@@ -49,6 +49,7 @@ empty input, inside ``torch.func`` transforms and under ``torch.compile`` the ca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -467,6 +468,9 @@ def activation(act: object, negative_slope: object = 0.01, alpha: object = 1.0, 
     for key, value in (("negative_slope", negative_slope), ("alpha", alpha)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: {key} must be a float, got {type(value).__name__} {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: {key} must be a finite number (typically {0.01 if key == 'negative_slope' else 1.0}), "
+                             f"got {value!r}.")
     if act == "elu" and not alpha > 0:
         raise ValueError(f"{name}: act='elu' needs alpha > 0 (typically 1.0), got alpha={alpha!r}.")
     return Activation(act, float(negative_slope), float(alpha))
@@ -536,17 +540,18 @@ def batch_norm_act(
 
     >>> import torch
     >>> x = torch.tensor([[1.0], [3.0]])
-    >>> batch_norm_act(x, training=True, act="leaky_relu", negative_slope=0.5, eps=0.0).output.squeeze(1)
+    >>> batch_norm_act(x, training=True, act="leaky_relu", negative_slope=0.5, eps=1e-12).output.squeeze(1)
     tensor([-0.5000,  1.0000])
     """
     fn = activation(act, negative_slope, alpha, name=name)
     check_save(save, name)
+    N.check_input(input, name)  # before _unfused reads it
     if mask is not None or _unfused(input):
         r = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=num_batches_tracked, unbiased=unbiased, stable_stats=stable_stats,
                        mask=mask, single_sample=single_sample, name=name)
         return r._replace(output=fn.apply(r.output))
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     update = training and running_mean is not None
     if training:
         N.check_update(momentum, num_batches_tracked if update else 0, name)

@@ -239,11 +239,11 @@ def sync_batch_norm(
         and biased variance, and the pooled count as a scalar tensor (the same on every process).
 
     >>> import torch
-    >>> r = sync_batch_norm(torch.tensor([[1.0], [3.0]]), eps=0.0)   # one process
+    >>> r = sync_batch_norm(torch.tensor([[1.0], [3.0]]), eps=1e-12)   # one process
     >>> r.output.squeeze(1), r.mean, r.var, int(r.count)
     (tensor([-1.,  1.]), tensor([2.]), tensor([1.]), 2)
     """
-    N.check_batch_args(input, name, running_mean, running_var, weight, bias)
+    N.check_batch_args(input, name, running_mean, running_var, weight, bias, eps)
     fn = None if act is None else activation(act, negative_slope, alpha, name=name)
     renorm = (r_max is not None or d_max is not None) and running_mean is not None
     if renorm:

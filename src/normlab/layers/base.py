@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .. import checks as _checks
 from .. import functional as NF
 from .. import stats as _stats
 
@@ -55,11 +56,8 @@ def check_positive_int(owner: str, name: str, value: object) -> None:
 
 
 def check_eps(owner: str, eps: object) -> None:
-    """Raise unless ``eps`` is a non-negative number (it keeps constant channels finite)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{owner}: eps must be a float >= 0, got {type(eps).__name__} {eps!r}.")
-    if not eps >= 0:
-        raise ValueError(f"{owner}: eps must be >= 0 (typically 1e-5), got {eps!r}.")
+    """Raise unless ``eps`` is a finite number > 0 (:func:`normlab.checks.check_eps`)."""
+    _checks.check_eps(eps, owner)
 
 
 def in_backward() -> bool:
@@ -317,7 +315,8 @@ class BatchNormTemplate(RunningStatsLayer):
             if getattr(self, key) != default)
 
     def _check_input(self, input: Tensor) -> None:
-        """The rank (torch's ``_check_input_dim``) and the channel count."""
+        """A floating-point tensor, its rank (torch's ``_check_input_dim``) and the channel count."""
+        _checks.check_tensor(input, self._label())
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(

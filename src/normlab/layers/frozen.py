@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..stats import statistics_dtype
+from ..checks import check_tensor
 from .base import NormLayer, check_eps, check_momentum, check_positive_int
 
 __all__ = [
@@ -132,6 +133,7 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         return scale, shift
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor(input, self._label(), integers=True)
         if input.dim() not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(f"{self._label()}: expected {expected} input (got {input.dim()}D input).")

@@ -72,8 +72,17 @@ class _GhostBatchNormMixin(_BatchNormMixin):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.virtual_batch_size = virtual_batch_size
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            raise TypeError(
+                f"{self._label()}: ghost batch norm takes no mask (its virtual batches are fixed slices of "
+                f"rows, which padding would unbalance); use normlab.BatchNorm{self._dim_name()}(..., mask=mask), "
+                f"or drop the padded rows before the layer."
+            )
         return self._batch_norm_forward(input)
+
+    def _dim_name(self) -> str:
+        return type(self).__name__[-2:]
 
     def _variant_options(self, update: bool) -> dict:
         return {"virtual_batch_size": self.virtual_batch_size}

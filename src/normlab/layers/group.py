@@ -12,6 +12,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from .. import functional as NF
+from ..checks import check_tensor
 from .base import NormLayer, RunningStatsLayer, check_eps, check_momentum, check_positive_int
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -66,12 +67,13 @@ class GroupNorm(NormLayer, nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **_bias_kwarg(bias))
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor(input, self._label())
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(
                 f"{self._label()}: expected input (N, {self.num_channels}, *), got shape "
                 f"{tuple(input.shape)}."
             )
-        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, name=self._label())
 
 
 class _InstanceNormMixin(RunningStatsLayer):
@@ -100,13 +102,17 @@ class _InstanceNormMixin(RunningStatsLayer):
         self._init_options(on_nonfinite, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor(input, self._label())
         self._check_input_dim(input)
         unbatched = input.dim() == self._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
-        if x.shape[1] != self.num_features and self.affine:
+        if x.shape[1] != self.num_features:
+            # torch only warns when the layer has no per-channel state (affine=False, no running
+            # statistics); a num_features that disagrees with the input is a bug either way.
             raise ValueError(
                 f"{self._label()}: expected {self.num_features} channels in dimension "
-                f"{0 if unbatched else 1}, got input of shape {tuple(input.shape)}."
+                f"{0 if unbatched else 1}, got input of shape {tuple(input.shape)}; build the layer with "
+                f"num_features={x.shape[1]}."
             )
         tracking = self.running_mean is not None and self.running_var is not None
         result = NF.instance_norm(

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as NF
+from ..checks import check_normalized_shape, check_tensor
 from .base import NormLayer, check_eps
 
 __all__ = ["LayerNorm", "RMSNorm"]
@@ -41,9 +42,11 @@ class LayerNorm(NormLayer, nn.LayerNorm):
         dtype=None,
     ) -> None:
         check_eps(type(self).__name__, eps)
+        check_normalized_shape(_shape(normalized_shape), type(self).__name__)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor(input, self._label())
         return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -73,9 +76,8 @@ class RMSNorm(NormLayer, nn.Module):
         super().__init__()
         if eps is not None:
             check_eps(type(self).__name__, eps)
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(normalized_shape)
+        self.normalized_shape = _shape(normalized_shape)
+        check_normalized_shape(self.normalized_shape, type(self).__name__)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
@@ -88,7 +90,15 @@ class RMSNorm(NormLayer, nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_tensor(input, self._label())
         return NF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+def _shape(normalized_shape: int | Sequence[int]) -> tuple:
+    """``normalized_shape`` as a tuple (an int is the last dimension's size), as torch reads it."""
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(normalized_shape)

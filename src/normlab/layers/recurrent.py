@@ -27,6 +27,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_tensor
 from .base import BatchNormTemplate, SingleSample, check_eps, check_momentum, check_positive_int
 from .layer import LayerNorm
 
@@ -135,6 +136,7 @@ class RecurrentBatchNorm(BatchNormTemplate, nn.Module):
         pass  # checked in forward, before the valid rows are picked (_check_step_input)
 
     def _check_step_input(self, input: Tensor) -> None:
+        check_tensor(input, self._label())
         if input.dim() != 2 or input.shape[1] != self.num_features:
             raise ValueError(
                 f"{self._label()}: expected input (N, {self.num_features}) for one time step, got shape "
@@ -287,6 +289,7 @@ class _NormLSTM(nn.Module):
         return out, (torch.stack(h_last), torch.stack(c_last))
 
     def _check_input(self, input: Tensor) -> Tensor:
+        check_tensor(input, type(self).__name__)
         layout, other = ("(N, T, F)", "(T, N, F)") if self.batch_first else ("(T, N, F)", "(N, T, F)")
         if input.dim() != 3 or input.shape[2] != self.input_size:
             raise ValueError(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..layers.base import NormLayer
 from ..layers.kinds import is_batchnorm, norm_kind
 from .recalibrate import check_num_batches, collect_moments, iterate, run_batch
-from .walk import Match, find_modules
+from .walk import Match, check_model, find_modules
 
 __all__ = [
     "ActivationPercentiles",
@@ -126,6 +126,7 @@ def check_stats(model: nn.Module) -> list[Problem]:
     >>> [str(p).split(":")[:2] for p in check_stats(net)]
     [['1', ' never_updated']]
     """
+    check_model(model, "check_stats")
     problems: list[Problem] = []
     for name, module in model.named_modules():
         rm, rv = getattr(module, "running_mean", None), getattr(module, "running_var", None)
@@ -202,6 +203,7 @@ def batch_vs_running_gap(
     (1, 10)
     """
     where = "batch_vs_running_gap"
+    check_model(model, where)
     check_num_batches(num_batches, where)
     norms = dict(find_modules(model, lambda n, m: is_batchnorm(m) and m.running_mean is not None))
     if not norms:
@@ -284,6 +286,7 @@ def train_eval_gap(
     (48, True)
     """
     where = "train_eval_gap"
+    check_model(model, where)
     check_num_batches(num_batches, where)
     modes = _modes(model)
     saved = [(b, b.clone()) for b in model.buffers()]

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..layers.base import NormLayer
 from ..layers.kinds import NormKind, is_batchnorm, norm_kind
-from .walk import find_modules, replace_modules
+from .walk import check_model, find_modules, replace_modules
 
 __all__ = ["FoldReport", "FoldResult", "FoldedPair", "SkippedNorm", "fold_batchnorm", "fold_weights", "is_batchnorm"]
 
@@ -452,8 +452,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> FoldResult:
     >>> torch.allclose(folded(x), net(x), atol=1e-5), type(folded[1]).__name__
     (True, 'Identity')
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold_batchnorm: model must be a torch.nn.Module, got {type(model).__name__}.")
+    check_model(model, "fold_batchnorm")
     norms = dict(find_modules(model, lambda name, m: is_batchnorm(m)))
     kinds = {name: norm_kind(m) for name, m in norms.items()}
     training = [name or "<model>" for name, m in norms.items() if m.training and kinds[name].family == "batch"]

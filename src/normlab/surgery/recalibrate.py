@@ -47,7 +47,7 @@ from ..functional.sync import gather_moments, world_size
 from ..layers.base import NonFiniteStatisticsWarning
 from ..layers.kinds import norm_kind
 from ..stats import Moments
-from .walk import find_modules
+from .walk import check_model, find_modules
 
 __all__ = ["RecalibrationReport", "RecalibrationResult", "recalibrate_bn", "recalibrated_norms"]
 
@@ -421,8 +421,7 @@ def recalibrate_bn(
       1: 50 values per channel
     """
     where = "recalibrate_bn"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}.")
+    check_model(model, where)
     check_num_batches(num_batches, where)
     target = model if inplace else copy.deepcopy(model)
     norms = dict(recalibrated_norms(target))

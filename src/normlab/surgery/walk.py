@@ -22,9 +22,22 @@ from typing import Union
 
 from torch import nn
 
-__all__ = ["Match", "find_modules", "replace_modules"]
+__all__ = ["Match", "check_model", "find_modules", "replace_modules"]
 
 Match = Union[Callable[[str, nn.Module], bool], type, tuple, Collection[str], str]
+
+
+def check_model(model: object, where: str) -> None:
+    """Raise a ``TypeError`` unless ``model`` is a ``torch.nn.Module`` (``where``: the tool's name).
+
+    >>> check_model(None, "check_stats")
+    Traceback (most recent call last):
+    ...
+    TypeError: check_stats: model must be a torch.nn.Module, got NoneType; pass the model itself (e.g. not the result of model.eval() on a function that returns None).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}; pass the model "
+                        f"itself (e.g. not the result of model.eval() on a function that returns None).")
 
 
 def _predicate(model: nn.Module, match: Match, where: str) -> Callable[[str, nn.Module], bool]:
@@ -105,8 +118,7 @@ def replace_modules(
     >>> type(new[1]).__name__, type(net[1]).__name__
     ('Tanh', 'ReLU')
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"replace_modules: model must be a torch.nn.Module, got {type(model).__name__}.")
+    check_model(model, "replace_modules")
     picks = _predicate(model, match, "replace_modules")
     root = model if inplace else copy.deepcopy(model)
     done: dict[int, nn.Module] = {}  # id(old module) -> its replacement, for shared modules
