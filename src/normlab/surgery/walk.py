@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection
 from typing import Union
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = ["Match", "find_modules", "replace_modules"]
 
@@ -79,6 +80,18 @@ def find_modules(model: nn.Module, match: Match) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _check_copyable(model: nn.Module) -> None:
+    """The tools copy the model; torch cannot copy a lazy module before its first forward."""
+    lazy = [name or "<model>" for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(
+            f"replace_modules: the model has lazy layers whose parameters do not exist yet ({', '.join(map(repr, lazy[:5]))}"
+            f"{' ...' if len(lazy) > 5 else ''}): they are created from the shape of the first input, and torch "
+            f"cannot copy the model before that. Run the model once on an input first."
+        )
+
+
 def replace_modules(
     model: nn.Module,
     match: Match,
@@ -108,6 +121,8 @@ def replace_modules(
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_modules: model must be a torch.nn.Module, got {type(model).__name__}.")
     picks = _predicate(model, match, "replace_modules")
+    if not inplace:
+        _check_copyable(model)
     root = model if inplace else copy.deepcopy(model)
     done: dict[int, nn.Module] = {}  # id(old module) -> its replacement, for shared modules
 
