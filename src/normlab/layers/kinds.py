@@ -14,6 +14,9 @@ answers for
   ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d``: ``weight``, ``bias``,
   ``running_mean``, ``running_var`` and ``eps``, computing ``x * scale + shift`` in both modes.
 
+A lazy norm (torch's or normlab's ``LazyBatchNorm2d`` etc.) before its first forward has no
+channels, parameters or statistics yet: its kind says so in ``unknown``.
+
 A class normlab does not know is never taken on trust: its eval output is compared, on a random
 input with a copy of the module, with the formula it claims (its torch base class's forward,
 or the frozen affine map), followed by its ``.drop`` and ``.act`` if it has them. When the two

@@ -4,7 +4,8 @@ Every model tool of :mod:`normlab.surgery` (folding's structural path, conversio
 unfreezing) changes a model through :func:`replace_modules`, so they share one behaviour:
 
 * the input model is never modified: the walk runs on a ``copy.deepcopy`` (``inplace=True``
-  skips the copy for models too large to hold twice);
+  skips the copy for models too large to hold twice); a model whose lazy layers have not run
+  yet cannot be copied (torch's limit), and is refused with a ``ValueError`` saying so;
 * a module reachable under several names (weight sharing) is replaced once, and every name
   then points to the same replacement, as before;
 * a replaced module is not descended into (its children went with it), and neither is the
