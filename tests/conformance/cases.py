@@ -24,6 +24,7 @@ from torch import nn
 
 import normlab
 from normlab import reference as ref
+from normlab.layers.base import TORCH_NORM_HAS_BIAS
 
 Shape = tuple[int, ...]
 Grads = dict[str, np.ndarray]  # "input", and "weight"/"bias" where the layer has them
@@ -294,6 +295,10 @@ def _batch_cases() -> list[LayerCase]:
         options = [
             dict(affine=a, track_running_stats=t) for a in (True, False) for t in (True, False)
         ] + [dict(affine=True, track_running_stats=True, momentum=None)]
+        # Issue 15: a weight without a bias (torch 2.13's bias=False; normlab's on every torch).
+        options.append(dict(affine=True, track_running_stats=True, bias=False))
+        if kind == "BatchNorm2d":
+            options.append(dict(affine=True, track_running_stats=False, bias=False))
         for opt in options:
             tracking = opt["track_running_stats"]
             cases.append(LayerCase(
@@ -304,6 +309,7 @@ def _batch_cases() -> list[LayerCase]:
                 forward=batch_forward,
                 backward=batch_backward,
                 gradcheck_shape=tiny,
+                has_torch=TORCH_NORM_HAS_BIAS or "bias" not in opt,
                 has_running_stats=tracking,
                 counts_batches=tracking,
                 tunable=("eps",) if "momentum" in opt else ("eps", "momentum"),
@@ -335,6 +341,8 @@ def _instance_cases() -> list[LayerCase]:
         options = [dict(affine=a, track_running_stats=t) for a in (False, True) for t in (False, True)]
         if cls_name == "InstanceNorm2d":  # torch: momentum=None means the statistics never move
             options.append(dict(affine=True, track_running_stats=True, momentum=None))
+            options.append(dict(affine=True, track_running_stats=False, bias=False))
+        options.append(dict(affine=True, track_running_stats=True, bias=False))  # issue 15
         for opt in options:
             cases.append(LayerCase(
                 name=f"{cls_name}-{_flags(**opt)}",
@@ -344,6 +352,7 @@ def _instance_cases() -> list[LayerCase]:
                 forward=instance_forward,
                 backward=instance_backward,
                 gradcheck_shape=tiny,
+                has_torch=TORCH_NORM_HAS_BIAS or "bias" not in opt,
                 has_running_stats=opt["track_running_stats"],
                 tunable=("eps",) if "momentum" in opt else ("eps", "momentum"),
                 shape_ok=lambda shape: _spatial_values(shape) > 1,
@@ -364,6 +373,8 @@ def _group_cases() -> list[LayerCase]:
          ((5, 12), (4, 18)), (2, 6), {}),
         ("GroupNorm-groups=2-affine=False", lambda c: 2, lambda c: c % 2 == 0,
          ((4, 6, 5), (2, 4, 4, 4)), (2, 4, 3), dict(affine=False)),
+        ("GroupNorm-groups=2-bias=False", lambda c: 2, lambda c: c % 2 == 0,  # issue 15
+         ((4, 6, 5), (2, 4, 4, 4)), (2, 4, 3), dict(bias=False)),
     ]
     return [
         LayerCase(
@@ -374,6 +385,7 @@ def _group_cases() -> list[LayerCase]:
             forward=group_forward,
             backward=group_backward,
             gradcheck_shape=tiny,
+            has_torch=TORCH_NORM_HAS_BIAS or "bias" not in fixed,
             channels_ok=ok,
             # a group of one value is refused (its output would be the bias whatever the input)
             shape_ok=lambda shape, groups=groups: shape[1] // groups(shape[1]) * _spatial_values(shape) > 1,

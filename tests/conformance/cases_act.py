@@ -15,6 +15,7 @@ from torch import nn
 
 from normlab import reference as ref
 from normlab.layers import act as act_layers
+from normlab.layers.base import TORCH_NORM_HAS_BIAS
 
 from .cases import (
     _BATCH_SHAPES,
@@ -74,6 +75,7 @@ def _identity_cases() -> list[LayerCase]:
     specs += [
         ("BatchNorm2d", 2, dict(affine=True, track_running_stats=True, momentum=None)),
         ("BatchNorm2d", 2, dict(save="input")),
+        ("BatchNorm2d", 2, dict(bias=False)),  # issue 15: a weight without a bias
         ("BatchNorm1d-NC", 1, {}),
         ("BatchNorm1d-NCL", 1, {}),
         ("BatchNorm3d", 3, {}),
@@ -91,6 +93,7 @@ def _identity_cases() -> list[LayerCase]:
             forward=batch_forward,
             backward=batch_backward,
             gradcheck_shape=tiny,
+            has_torch=TORCH_NORM_HAS_BIAS or "bias" not in opt,
             has_running_stats=tracking,
             counts_batches=tracking,
             tunable=("eps",) if "momentum" in opt else ("eps", "momentum"),
@@ -106,6 +109,10 @@ def _activation_cases() -> list[LayerCase]:
         ("elu", dict(alpha=0.7), dict(alpha=0.7)),
         ("silu", {}, {}),
         ("leaky_relu", dict(negative_slope=0.1, save="input"), dict(negative_slope=0.1)),
+        # issue 15: without a bias, each saving mode recovers x_hat from the output (or keeps the input)
+        ("leaky_relu", dict(negative_slope=0.1, bias=False), dict(negative_slope=0.1)),
+        ("silu", dict(bias=False), {}),
+        ("elu", dict(alpha=0.7, bias=False, save="input"), dict(alpha=0.7)),
     ]
     cases = []
     for act, opts, ref_opts in specs:

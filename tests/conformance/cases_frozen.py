@@ -35,12 +35,12 @@ def frozen_backward(s: Snapshot, x: np.ndarray, dy: np.ndarray, training: bool) 
     return _grads(s, dx, dw, db)
 
 
-def _builder(cls_name: str, affine: bool):
+def _builder(cls_name: str, affine: bool, bias: bool = True):
     def build(lib, shape, **overrides):
-        layer = getattr(frozen, cls_name)(shape[1], affine=affine, **overrides)
-        if affine:
-            layer.weight.requires_grad_(True)
-            layer.bias.requires_grad_(True)
+        layer = getattr(frozen, cls_name)(shape[1], affine=affine, bias=bias, **overrides)
+        for buffer in (layer.weight, layer.bias):
+            if buffer is not None:
+                buffer.requires_grad_(True)
         return layer
 
     return build
@@ -55,9 +55,9 @@ _SHAPES = {
 
 CASES = [
     LayerCase(
-        name=f"{kind}-affine={affine}",
+        name=f"{kind}-affine={affine}" + ("" if bias else "-bias=False"),
         family="batch",
-        build=_builder(cls_name, affine),
+        build=_builder(cls_name, affine, bias),
         shapes=shapes,
         forward=frozen_forward,
         backward=frozen_backward,
@@ -68,6 +68,8 @@ CASES = [
         tunable=("eps",),
     )
     for kind, (cls_name, shapes, tiny) in _SHAPES.items()
-    for affine in (True, False)
-    if affine or kind in ("FrozenBatchNorm2d", "FrozenBatchNorm1d-NC")
+    for affine, bias in ((True, True), (False, True), (True, False))
+    # affine=False on two input kinds; a weight without a bias (issue 15) on one
+    if (affine and bias) or (not affine and kind in ("FrozenBatchNorm2d", "FrozenBatchNorm1d-NC"))
+    or (not bias and kind == "FrozenBatchNorm2d")
 ]

@@ -71,6 +71,7 @@ def _cases() -> list[LayerCase]:
                 dict(virtual_batch_size=vbs, track_running_stats=False),
                 dict(virtual_batch_size=vbs, momentum=None),
                 dict(virtual_batch_size=vbs, unbiased=False),
+                dict(virtual_batch_size=vbs, bias=False),  # issue 15: a weight without a bias
             ]
         if kind == "GhostBatchNorm1d-NC":
             options.append(dict(virtual_batch_size=256))  # (600, 4): 256 + 256 + 88 rows

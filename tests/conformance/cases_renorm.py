@@ -78,6 +78,7 @@ def _cases() -> list[LayerCase]:
                 dict(EQUAL_BN, momentum=None),
                 dict(CLIPPED, affine=False),
                 dict(CLIPPED, unbiased=False),
+                dict(CLIPPED, bias=False),  # issue 15: a weight without a bias
             ]
         for opt in options:
             tracking = opt.get("track_running_stats", True)

@@ -24,18 +24,20 @@ from normlab.layers.sync import SyncBatchNormAct, SyncBatchRenorm
 
 
 def build(kind: str, spec: dict) -> torch.nn.Module:
-    channels = spec["channels"]
+    channels, bias = spec["channels"], spec.get("bias", True)
     if kind == "bn":
-        layer = normlab.SyncBatchNorm(channels, momentum=0.3)
+        layer = normlab.SyncBatchNorm(channels, momentum=0.3, bias=bias)
     elif kind == "renorm":
         d_max = LinearRamp(*spec["d_max_ramp"]) if "d_max_ramp" in spec else spec["d_max"]
-        layer = SyncBatchRenorm(channels, momentum=0.3, r_max=spec["r_max"], d_max=d_max)
+        layer = SyncBatchRenorm(channels, momentum=0.3, r_max=spec["r_max"], d_max=d_max, bias=bias)
     else:
-        layer = SyncBatchNormAct(channels, momentum=0.3, act=spec["act"], negative_slope=spec["negative_slope"])
+        layer = SyncBatchNormAct(channels, momentum=0.3, act=spec["act"], negative_slope=spec["negative_slope"],
+                                 bias=bias)
     layer = layer.double()
     with torch.no_grad():
         layer.weight.copy_(torch.linspace(0.5, 1.5, channels, dtype=torch.float64))
-        layer.bias.copy_(torch.linspace(-0.2, 0.3, channels, dtype=torch.float64))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.linspace(-0.2, 0.3, channels, dtype=torch.float64))
     return layer
 
 
@@ -55,7 +57,8 @@ def run(kind: str, spec: dict, rank: int) -> dict:
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
         if step == spec["steps"]:  # the last batch in eval mode: the running statistics alone
             layer.eval()
-        layer.weight.grad = layer.bias.grad = None
+        for param in layer.parameters():
+            param.grad = None
         if masked:  # padded sequences: valid lengths vary; the padding holds NaN
             length = full.shape[-1]
             lengths = torch.randint(0, length + 1, (full.shape[0],), generator=g)
@@ -67,7 +70,8 @@ def run(kind: str, spec: dict, rank: int) -> dict:
         else:
             y = layer(x)
         (y * upstream[start : start + sizes[rank]]).nansum().backward()
-        results.append({"y": y.detach(), "dx": x.grad, "dw": layer.weight.grad.clone(), "db": layer.bias.grad.clone()})
+        results.append({"y": y.detach(), "dx": x.grad, "dw": layer.weight.grad.clone(),
+                        "db": None if layer.bias is None else layer.bias.grad.clone()})
     return {"steps": results, "running_mean": layer.running_mean, "running_var": layer.running_var,
             "count": layer.num_batches_tracked}
 

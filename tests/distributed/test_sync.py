@@ -38,33 +38,38 @@ def launch(spec: dict, world: int) -> list[subprocess.Popen]:
 
 def single_process(spec: dict) -> dict:
     """The oracle: one normlab BatchNorm (held to torch.nn in the conformance suite) on the whole batch."""
-    channels, sizes = spec["channels"], spec["sizes"]
-    bn = normlab.BatchNorm1d(channels, momentum=0.3).double() if not spec["rest"] else None
-    bn = bn or {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d}[len(spec["rest"])](channels, momentum=0.3).double()
+    channels, sizes, bias = spec["channels"], spec["sizes"], spec.get("bias", True)
+    cls = {0: normlab.BatchNorm1d, 1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d}[len(spec["rest"])]
+    bn = cls(channels, momentum=0.3, bias=bias).double()
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 1.5, channels, dtype=torch.float64))
-        bn.bias.copy_(torch.linspace(-0.2, 0.3, channels, dtype=torch.float64))
+        if bias:
+            bn.bias.copy_(torch.linspace(-0.2, 0.3, channels, dtype=torch.float64))
     steps = []
     for step in range(spec["steps"]):
         g = torch.Generator().manual_seed(step)
         x = (torch.randn(sum(sizes), channels, *spec["rest"], generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
         upstream = torch.randn(x.shape, generator=g, dtype=torch.float64)
-        bn.weight.grad = bn.bias.grad = None
+        for param in bn.parameters():
+            param.grad = None
         y = bn(x)
         (y * upstream).sum().backward()
-        steps.append({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone(), "db": bn.bias.grad.clone()})
+        steps.append({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone(),
+                      "db": None if bn.bias is None else bn.bias.grad.clone()})
     return {"steps": steps, "running_mean": bn.running_mean, "running_var": bn.running_var, "count": bn.num_batches_tracked}
 
 
 @pytest.mark.parametrize(
-    "sizes, rest, channels_last",
-    [([5, 3], [4, 4], False), ([4, 0, 6], [5], False), ([3, 2], [], False), ([2, 6, 1], [3, 3], True)],
-    ids=["2proc-NCHW-uneven", "3proc-NCL-empty-rank", "2proc-NC", "3proc-channels_last"],
+    "sizes, rest, channels_last, bias",
+    [([5, 3], [4, 4], False, True), ([4, 0, 6], [5], False, True), ([3, 2], [], False, True),
+     ([2, 6, 1], [3, 3], True, True), ([5, 3], [4], False, False)],
+    ids=["2proc-NCHW-uneven", "3proc-NCL-empty-rank", "2proc-NC", "3proc-channels_last",
+         "2proc-NCL-bias=False"],  # issue 15: a weight without a bias
 )
-def test_equals_one_process_on_the_concatenated_batch(tmp_path, sizes, rest, channels_last):
+def test_equals_one_process_on_the_concatenated_batch(tmp_path, sizes, rest, channels_last, bias):
     world = len(sizes)
     spec = {"sizes": sizes, "rest": rest, "channels": 3, "steps": 2, "out": str(tmp_path / "r"),
-            "channels_last": channels_last}
+            "channels_last": channels_last, "bias": bias}
     procs = launch(spec, world)
     for p in procs:
         _, err = p.communicate(timeout=120)
@@ -80,7 +85,10 @@ def test_equals_one_process_on_the_concatenated_batch(tmp_path, sizes, rest, cha
             torch.testing.assert_close(mine["dx"], expected["dx"][part], rtol=1e-5, atol=1e-5)
         # weight/bias gradients: each process holds its contribution; together they are the whole
         torch.testing.assert_close(sum(g["steps"][step]["dw"] for g in got), expected["dw"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(sum(g["steps"][step]["db"] for g in got), expected["db"], rtol=1e-5, atol=1e-5)
+        if bias:
+            torch.testing.assert_close(sum(g["steps"][step]["db"] for g in got), expected["db"], rtol=1e-5, atol=1e-5)
+        else:
+            assert all(g["steps"][step]["db"] is None for g in got)
     for r in range(world):
         torch.testing.assert_close(got[r]["running_mean"], want["running_mean"].to(got[r]["running_mean"].dtype), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[r]["running_var"], want["running_var"].to(got[r]["running_var"].dtype), rtol=1e-5, atol=1e-6)

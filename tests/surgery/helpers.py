@@ -17,6 +17,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 c = m.num_features
                 if m.weight is not None:
                     m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                if m.bias is not None:
                     m.bias.copy_(torch.randn(c, generator=g) * 0.5)
                 if m.running_mean is not None:
                     m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)

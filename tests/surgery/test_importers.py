@@ -208,7 +208,9 @@ def test_real_keras_channels_last_4d_inference_and_training_step(scale, center):
     assert (bn.momentum, bn.eps) == pytest.approx((0.2, 1e-2))
     assert bn.affine == (scale or center)
     if bn.affine:
-        assert (bn.weight.requires_grad, bn.bias.requires_grad) == (scale, center)
+        # center=False is a weight without a bias (issue 15); scale=False a weight frozen at 1.
+        assert bn.weight.requires_grad == scale and (bn.bias is not None) == center
+        assert bn.bias is None or bn.bias.requires_grad
 
     x = channels_last_data(10, (6, 5, 6, 3), loc=-1.0, scale=2.0)
     close(run_nhwc(bn, x), keras.ops.convert_to_numpy(layer(x, training=False)))

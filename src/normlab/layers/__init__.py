@@ -15,6 +15,14 @@ from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .kinds import NormKind, norm_kind
 from .group import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layer import LayerNorm, RMSNorm
+from .lazy import (
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    LazyInstanceNorm1d,
+    LazyInstanceNorm2d,
+    LazyInstanceNorm3d,
+)
 from .recurrent import BNLSTM, LNLSTM, RecurrentBatchNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, LinearRamp, renorm_schedule
 from .registry import get_norm, norm_names, register_norm
@@ -47,6 +55,12 @@ __all__ = [
     "LNLSTM",
     "LinearRamp",
     "LayerNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
     "NonFiniteStatisticsWarning",
     "NormKind",
     "RMSNorm",

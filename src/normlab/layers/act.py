@@ -90,7 +90,7 @@ class _BatchNormActMixin(BatchNormLayer):
         """
         plain = self._plain_class(
             self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
-            single_sample=self.single_sample, on_nonfinite=self.on_nonfinite, unbiased=self.unbiased,
+            bias=self.bias is not None or not self.affine, single_sample=self.single_sample, on_nonfinite=self.on_nonfinite, unbiased=self.unbiased,
             stable_stats=self.stable_stats,
         )
         # assign=True keeps this layer's devices and dtypes; the clones keep the two independent.
@@ -119,7 +119,7 @@ _DOC_ARGS = """
             and the input otherwise (see :mod:`normlab.functional.act`); ``"input"`` always keeps
             the input (exact for ELU's saturated elements, one tensor more for the
             invertible activations).
-        single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): see
+        bias, single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): see
             :mod:`normlab.layers.batch`.
 """
 

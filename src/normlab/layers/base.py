@@ -17,6 +17,7 @@ and (the synchronized layers) a ``_normalize`` that returns statistics pooled ac
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Literal
 
@@ -28,7 +29,7 @@ from .. import functional as NF
 from .. import stats as _stats
 
 __all__ = ["BatchNormLayer", "BatchNormTemplate", "NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer",
-           "name_layers"]
+           "TORCH_NORM_HAS_BIAS", "bias_repr", "check_bias", "drop_bias", "name_layers", "reset_affine"]
 
 # -1 outside the autograd engine's backward pass, a task id inside it (torch >= 2.1).
 _current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -58,6 +59,54 @@ def check_positive_int(owner: str, name: str, value: object) -> None:
 def check_eps(owner: str, eps: object) -> None:
     """Raise unless ``eps`` is a finite number > 0 (:func:`normlab.checks.check_eps`)."""
     _checks.check_eps(eps, owner)
+
+
+# torch 2.13 gave batch, instance and group norm a keyword-only ``bias`` (False: a weight without
+# a bias, no ``bias`` key in the state dict). normlab's layers take it on every torch version they
+# support (>= 2.3) and never pass it on: they build torch's module with its bias and drop it
+# (drop_bias), reset (reset_affine) and show it (bias_repr) themselves, so one code path runs on
+# every version.
+TORCH_NORM_HAS_BIAS = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def check_bias(owner: str, bias: object) -> None:
+    """Raise ``TypeError`` unless ``bias`` is a bool."""
+    if not isinstance(bias, bool):
+        raise TypeError(
+            f"{owner}: bias must be True or False (False: a weight without a bias), got "
+            f"{type(bias).__name__} {bias!r}."
+        )
+
+
+def drop_bias(module: nn.Module, bias: bool) -> None:
+    """Remove ``module``'s bias parameter unless ``bias``: the layer then scales by ``weight``
+    and shifts by nothing, and its state dict has no ``bias`` key, as torch's ``bias=False``.
+
+    Raises:
+        TypeError: ``bias`` is not a bool.
+    """
+    check_bias(type(module).__name__, bias)
+    if not bias and module._parameters.get("bias") is not None:
+        module.register_parameter("bias", None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """``weight`` to 1 and ``bias`` to 0, each where the module has it (torch < 2.13 resets a
+    bias it assumes is there)."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    if weight is not None:
+        nn.init.ones_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
+def bias_repr(module: nn.Module, text: str) -> str:
+    """torch's ``extra_repr`` ``text``, with ``bias=False`` after ``affine=True`` for a weight
+    without a bias where this torch's repr has no ``bias=`` field (before 2.13): torch's repr
+    wherever torch has the configuration."""
+    if "bias=" in text or module.bias is not None or module.weight is None:
+        return text
+    return text.replace("affine=True", "affine=True, bias=False", 1)
 
 
 def in_backward() -> bool:
@@ -160,6 +209,11 @@ class RunningStatsLayer(NormLayer):
       call such a layer outside backward, or update its statistics with
       :func:`normlab.functional.batch_norm` yourself.
     """
+
+    def reset_parameters(self) -> None:
+        """Running statistics to 0 / 1 (count 0), ``weight`` to 1, ``bias`` (if any) to 0."""
+        self.reset_running_stats()
+        reset_affine(self)
 
     def _init_options(self, on_nonfinite: NonFinitePolicy, dtype: torch.dtype | None) -> None:
         check_choice(type(self).__name__, "on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
@@ -408,7 +462,12 @@ class BatchNormTemplate(RunningStatsLayer):
 class BatchNormLayer(BatchNormTemplate):
     """A batch norm over ``torch.nn``'s ``_BatchNorm``: torch's constructor arguments, then the
     options every normlab batch norm shares (keyword-only; see :class:`BatchNormTemplate`). The
-    one place they are declared: a variant adds its own keywords and passes ``**options`` on."""
+    one place they are declared: a variant adds its own keywords and passes ``**options`` on.
+
+    ``bias`` (keyword-only, default True) is torch 2.13's: False keeps ``weight`` (with
+    ``affine``) and no ``bias``, ``y = x_hat * weight``, with no ``bias`` key in the state dict.
+    Every normlab batch norm takes it on every supported torch version, not only where torch has
+    it (see :func:`drop_bias`)."""
 
     def __init__(
         self,
@@ -420,6 +479,7 @@ class BatchNormLayer(BatchNormTemplate):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         single_sample: SingleSample = "error",
         on_nonfinite: NonFinitePolicy = "warn",
         unbiased: bool = True,
@@ -433,7 +493,8 @@ class BatchNormLayer(BatchNormTemplate):
             num_features, eps=eps, momentum=momentum, affine=affine,
             track_running_stats=track_running_stats, device=device, dtype=dtype,
         )
+        drop_bias(self, bias)
         self._init_batch_options(single_sample, on_nonfinite, unbiased, stable_stats, dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._options_repr()
+        return bias_repr(self, super().extra_repr()) + self._options_repr()

@@ -2,6 +2,9 @@
 
 Same constructor arguments, defaults, attributes, state-dict keys and numbers as torch, plus:
 
+* ``bias`` (keyword-only): False keeps ``weight`` and no ``bias`` (scale without shift; no
+  ``bias`` key in the state dict), as torch 2.13's ``bias=False``, on every supported torch
+  version; every batch-norm variant (renorm, ghost, norm-act, synchronized, frozen) takes it.
 * ``single_sample``: a training batch with one value per channel raises a ``ValueError`` that
   names the layer and the fixes (``"error"``, default), or is normalized with the running
   statistics, which stay unchanged (``"running"``).
@@ -58,6 +61,7 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
             cumulative average.
         affine: learn ``weight`` (γ, init 1) and ``bias`` (β, init 0).
         track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
+        bias: keyword-only, default True; False learns ``weight`` alone (with ``affine``).
         single_sample, on_nonfinite, unbiased, stable_stats: see :mod:`normlab.layers.batch`.
 
     >>> import torch, normlab
@@ -71,6 +75,11 @@ class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     >>> mask = torch.arange(5) < torch.tensor([5, 2])[:, None]   # (N, L), True = valid
     >>> int(torch.count_nonzero(bn(x, mask)[1, :, 2:]))
     0
+
+    A weight without a bias: torch 2.13's keys, strict loading both ways.
+
+    >>> list(normlab.BatchNorm1d(3, bias=False).state_dict())
+    ['weight', 'running_mean', 'running_var', 'num_batches_tracked']
     """
 
 

@@ -18,6 +18,12 @@ with ``strict=True`` (version-1 checkpoints without ``num_batches_tracked`` too)
 input (a uint8 image) gives a floating result in the statistics' dtype, as torchvision's
 ``FrozenBatchNorm2d`` does.
 
+A batch norm with a weight and no bias (torch's ``bias=False``) freezes to a frozen norm with
+``bias=False``: a ``weight`` buffer and no ``bias`` key, so its state dict still loads with
+``strict=True`` both ways, and :func:`normlab.surgery.unfreeze_bn` gives the layer back as it
+was. The default (``bias=True``) keeps both buffers, as torchvision's ``FrozenBatchNorm2d``
+always does.
+
 ``FrozenBatchNormAct1d/2d/3d`` add an activation module after the affine map, ``y = act(x *
 scale + shift)``: the frozen form of a batch norm fused with an activation (normlab's
 ``BatchNormAct2d``, timm's ``BatchNormAct2d``), which :func:`normlab.surgery.freeze_bn` gives.
@@ -30,7 +36,7 @@ from torch import Tensor, nn
 
 from ..stats import statistics_dtype
 from ..checks import check_tensor
-from .base import NormLayer, check_eps, check_momentum, check_positive_int
+from .base import NormLayer, check_bias, check_eps, check_momentum, check_positive_int
 
 __all__ = [
     "FrozenBatchNorm1d",
@@ -55,9 +61,11 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         device=None,
         dtype=None,
         *,
+        bias: bool = True,
         momentum: float | None = 0.1,
     ) -> None:
         owner = type(self).__name__
+        check_bias(owner, bias)
         check_positive_int(owner, "num_features", num_features)
         check_eps(owner, eps)
         check_momentum(owner, momentum)
@@ -70,7 +78,7 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.register_buffer("weight", torch.ones(num_features, **factory))
-            self.register_buffer("bias", torch.zeros(num_features, **factory))
+            self.register_buffer("bias", torch.zeros(num_features, **factory) if bias else None)
         else:
             self.register_buffer("weight", None)
             self.register_buffer("bias", None)
@@ -108,11 +116,12 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         ref = bn.weight if bn.weight is not None else bn.running_mean
         frozen = target(
             bn.num_features, bn.eps, bn.weight is not None, device=ref.device, dtype=ref.dtype,
-            momentum=bn.momentum, **kw,
+            bias=bn.bias is not None or bn.weight is None, momentum=bn.momentum, **kw,
         )
         with torch.no_grad():
             if bn.weight is not None:
                 frozen.weight.copy_(bn.weight)
+            if bn.bias is not None:
                 frozen.bias.copy_(bn.bias)
             frozen.running_mean = bn.running_mean.detach().clone()
             frozen.running_var = bn.running_var.detach().clone()
@@ -164,7 +173,8 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        no_bias = ", bias=False" if self.weight is not None and self.bias is None else ""
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}{no_bias}"
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
@@ -177,6 +187,8 @@ class FrozenBatchNorm1d(_FrozenBatchNorm):
         num_features: C.
         eps: added to the variance (default 1e-5).
         affine: keep ``weight`` (γ) and ``bias`` (β) buffers (False: 1 and 0, no keys).
+        bias: keyword-only, default True; False keeps the ``weight`` buffer alone (β = 0, no
+            ``bias`` key): the frozen form of a batch norm built with ``bias=False``.
         momentum: stored only, for :func:`normlab.surgery.unfreeze_bn` (default 0.1).
 
     >>> import torch
@@ -225,13 +237,13 @@ class _FrozenBatchNormAct(_FrozenBatchNorm):
     """A frozen batch norm followed by an activation module: ``act(x * scale + shift)``."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None, *,
-                 momentum: float | None = 0.1, act: nn.Module | None = None) -> None:
+                 bias: bool = True, momentum: float | None = 0.1, act: nn.Module | None = None) -> None:
         if act is not None and not isinstance(act, nn.Module):
             raise TypeError(
                 f"{type(self).__name__}: act must be a torch.nn.Module (e.g. torch.nn.SiLU()) or None, "
                 f"got {type(act).__name__} {act!r}."
             )
-        super().__init__(num_features, eps, affine, device, dtype, momentum=momentum)
+        super().__init__(num_features, eps, affine, device, dtype, bias=bias, momentum=momentum)
         # A child module, as in timm's FrozenBatchNormAct2d: an activation with parameters (PReLU)
         # keeps them under the key 'act.*'.
         self.act = act if act is not None else nn.Identity()

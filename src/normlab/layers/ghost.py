@@ -103,7 +103,7 @@ class GhostBatchNorm1d(_GhostBatchNormMixin, nn.BatchNorm1d):
             :class:`normlab.BatchNorm1d` (torch's); ``momentum`` applies per virtual batch.
         virtual_batch_size: samples per virtual batch, an int >= 2 (default 32; Hoffer et al.
             used 128 within batches of 4096).
-        single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
+        bias, single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
             :class:`normlab.BatchNorm1d`.
 
     >>> import torch

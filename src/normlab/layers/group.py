@@ -13,14 +13,18 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from ..checks import check_tensor
-from .base import NormLayer, RunningStatsLayer, check_eps, check_momentum, check_positive_int
+from .base import (
+    NormLayer,
+    RunningStatsLayer,
+    bias_repr,
+    check_eps,
+    check_momentum,
+    check_positive_int,
+    drop_bias,
+    reset_affine,
+)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
-
-
-def _bias_kwarg(bias: bool) -> dict:
-    # torch added the ``bias`` switch in 2.1/2.4; pass it only when it differs from the default.
-    return {} if bias else {"bias": False}
 
 
 class GroupNorm(NormLayer, nn.GroupNorm):
@@ -37,10 +41,14 @@ class GroupNorm(NormLayer, nn.GroupNorm):
         num_channels: C.
         eps: added to the variance (default 1e-5).
         affine: learn per-channel ``weight`` (init 1) and ``bias`` (init 0).
+        bias: keyword-only, default True; False keeps the ``weight`` alone (no ``bias`` key in
+            the state dict), as torch 2.13's ``bias=False``, on every torch version.
 
     >>> import torch, normlab
     >>> normlab.GroupNorm(2, 4)(torch.randn(3, 4, 5, 5)).shape
     torch.Size([3, 4, 5, 5])
+    >>> normlab.GroupNorm(2, 4, bias=False).state_dict().keys()
+    odict_keys(['weight'])
     """
 
     def __init__(
@@ -64,7 +72,14 @@ class GroupNorm(NormLayer, nn.GroupNorm):
                 f"{owner}: num_channels={num_channels} must be divisible by num_groups={num_groups}; "
                 f"valid num_groups are {divisors}."
             )
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **_bias_kwarg(bias))
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        drop_bias(self, bias)
+
+    def reset_parameters(self) -> None:
+        reset_affine(self)
+
+    def extra_repr(self) -> str:
+        return bias_repr(self, super().extra_repr())
 
     def forward(self, input: Tensor) -> Tensor:
         check_tensor(input, self._label())
@@ -96,10 +111,12 @@ class _InstanceNormMixin(RunningStatsLayer):
         check_positive_int(owner, "num_features", num_features)
         check_eps(owner, eps)
         check_momentum(owner, momentum)
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, **_bias_kwarg(bias)
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        drop_bias(self, bias)
         self._init_options(on_nonfinite, dtype)
+
+    def extra_repr(self) -> str:
+        return bias_repr(self, super().extra_repr())
 
     def forward(self, input: Tensor) -> Tensor:
         check_tensor(input, self._label())
@@ -138,6 +155,8 @@ class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
     torch's defaults: ``affine=False``, ``track_running_stats=False``; with running statistics
     the eval-mode output uses them, and they move towards the batch average of the
     per-instance statistics.
+    ``bias=False`` (keyword-only) keeps the ``weight`` alone (with ``affine``), as torch 2.13's,
+    on every torch version.
 
     >>> import torch, normlab
     >>> normlab.InstanceNorm1d(3)(torch.randn(2, 3, 10)).shape

@@ -14,6 +14,9 @@ answers for
   ``FrozenBatchNorm2d`` and timm's ``FrozenBatchNormAct2d``: ``weight``, ``bias``,
   ``running_mean``, ``running_var`` and ``eps``, computing ``x * scale + shift`` in both modes.
 
+A lazy norm (torch's or normlab's ``LazyBatchNorm2d`` etc.) before its first forward has no
+channels, parameters or statistics yet: its kind says so in ``unknown``.
+
 A class normlab does not know is never taken on trust: its eval output is compared, on a random
 input with a copy of the module, with the formula it claims (its torch base class's forward,
 or the frozen affine map), followed by its ``.drop`` and ``.act`` if it has them. When the two
@@ -49,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..stats import statistics_dtype
 from .act import _BatchNormActMixin
@@ -169,6 +173,8 @@ def norm_kind(module: nn.Module) -> NormKind | None:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"norm_kind: expected a torch.nn.Module, got {type(module).__name__}.")
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return _lazy_kind(module)
     if isinstance(module, NormLayer):
         known = _normlab_kind(module)
         if known is not None:
@@ -235,6 +241,20 @@ def _normlab_kind(module: NormLayer) -> NormKind | None:
         if isinstance(module, cls_):
             return NormKind(family, channels, None, None, "normlab")
     return NormKind("other", channels, dim, None, "normlab")
+
+
+def _lazy_kind(module: nn.Module) -> NormKind | None:
+    """A lazy norm (torch's or normlab's) before its first forward: its family, and why no tool
+    can use it yet (it has no channels, parameters or statistics)."""
+    family = next((family for base, family in _TORCH_BASES if isinstance(module, base)), None)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # torch's lazy ones derive from no InstanceNormNd
+        family = "instance"
+    if family is None:
+        return None
+    source = "normlab" if type(module).__module__.startswith("normlab.") else "torch"
+    return NormKind(family, None, _dim(module), None, source,
+                    f"{type(module).__name__} is a lazy layer whose parameters and statistics do not exist yet "
+                    f"(they are created from the shape of its first input); run the model once on an input first")
 
 
 def _fresh(module: nn.Module | None) -> nn.Module | None:

@@ -234,7 +234,7 @@ class BatchRenorm1d(_BatchRenormMixin, nn.BatchNorm1d):
             default Ioffe's schedule, 1 until step 5000, then linear to 3 at step 40000.
         d_max: the largest shift correction, a number >= 0 or a schedule; default 0 until step
             5000, then linear to 5 at step 25000. See :func:`renorm_schedule`.
-        single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
+        bias, single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
             :class:`normlab.BatchNorm1d`.
 
     Inside ``normlab.accumulate`` each micro-batch is corrected towards the running statistics

@@ -117,7 +117,8 @@ class SyncBatchRenorm(_SyncMixin, _BatchRenormMixin, nn.modules.batchnorm._Batch
             as :class:`SyncBatchNorm`.
         r_max, d_max: numbers or schedules ``step -> value``, as :class:`normlab.BatchRenorm2d`
             (default Ioffe's schedule, :func:`normlab.renorm_schedule`).
-        single_sample, on_nonfinite, unbiased, stable_stats: as :class:`normlab.BatchNorm2d`.
+        bias, single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
+            :class:`normlab.BatchNorm2d`.
 
     >>> import torch, normlab
     >>> from normlab.layers.sync import SyncBatchRenorm
@@ -150,7 +151,8 @@ class SyncBatchNormAct(_SyncMixin, _BatchNormActMixin, _BatchNormMixin, nn.modul
         num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype:
             as :class:`SyncBatchNorm`.
         act, negative_slope, alpha, save: as :class:`normlab.BatchNormAct2d`.
-        single_sample, on_nonfinite, unbiased, stable_stats: as :class:`normlab.BatchNorm2d`.
+        bias, single_sample, on_nonfinite, unbiased, stable_stats (keyword-only): as
+            :class:`normlab.BatchNorm2d`.
 
     >>> import torch
     >>> from normlab.layers.sync import SyncBatchNormAct

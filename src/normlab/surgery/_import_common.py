@@ -278,11 +278,14 @@ def _build(where: str, source: _Source, kwargs: dict, dtype: torch.dtype) -> nn.
     gamma, beta = arrays["gamma/scale"], arrays["beta/bias"]
     affine = gamma is not None or beta is not None
     cls = (_NORMLAB_RENORM if source.renorm else _NORMLAB_BN)[source.dim]
-    bn = cls(channels, affine=affine, dtype=dtype, **kwargs, **source.renorm)
+    # gamma without beta (Keras center=False, Flax use_bias=False) is exactly a weight without a
+    # bias; beta without gamma has no such form: a weight of ones, frozen, holds the missing gamma.
+    bn = cls(channels, affine=affine, dtype=dtype, bias=beta is not None or gamma is None, **kwargs, **source.renorm)
     with torch.no_grad():
         if affine:
-            # The source's missing gamma (beta) is the constant 1 (0): frozen, so training keeps it so.
             for param, value in ((bn.weight, gamma), (bn.bias, beta)):
+                if param is None:
+                    continue
                 if value is None:
                     param.requires_grad_(False)
                 else:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import stats as _stats
 from ..layers.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin
+from ..layers.base import TORCH_NORM_HAS_BIAS
 from ..layers.batch import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import (
     FrozenBatchNorm1d,
@@ -108,6 +109,14 @@ def _build_target(name: str, old: nn.Module, kind: NormKind, to: str, kw: dict) 
     return get_norm(to, channels, **kw)
 
 
+# Targets whose layers take bias= (RMSNorm has no bias; a user's registered norm may not take it).
+_TAKES_BIAS = ("batch", "instance", "frozen", "batch_act", "renorm", "ghost", "group", "layer")
+
+
+def _weight_without_bias(module: nn.Module) -> bool:
+    return getattr(module, "weight", None) is not None and getattr(module, "bias", None) is None
+
+
 def _holds_activation(new: nn.Module) -> bool:
     return isinstance(new, (_BatchNormActMixin, _FrozenBatchNormAct))
 
@@ -156,7 +165,8 @@ def convert_norm(model: nn.Module, to: str = "group", *, match: Match | None = N
 
     Carried over: γ and β (an error when the new layer cannot hold a non-trivial one), the
     running statistics when both layers keep them, eps and momentum unless given in ``kw``,
-    device, dtype and mode.
+    device, dtype and mode. A norm with a weight and no bias (``bias=False``) becomes one too
+    (unless ``kw`` says ``bias=``), so the new model learns no shift the old one did not.
 
     >>> import torch, normlab
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
@@ -176,7 +186,10 @@ def convert_norm(model: nn.Module, to: str = "group", *, match: Match | None = N
             )
         if to == "none":
             return (kind.activation or nn.Identity()).train(old.training)
-        new = _build_target(name, old, kind, to, dict(kw))
+        options = dict(kw)
+        if "bias" not in options and to in _TAKES_BIAS and _weight_without_bias(old):
+            options["bias"] = False  # the source shifts by nothing; so does the new layer
+        new = _build_target(name, old, kind, to, options)
         if "eps" not in kw and hasattr(new, "eps") and hasattr(old, "eps"):
             new.eps = old.eps
         if "momentum" not in kw and hasattr(new, "momentum") and hasattr(old, "momentum"):
@@ -285,14 +298,23 @@ def unfreeze_bn(
         weight, bias = getattr(frozen, "weight", None), getattr(frozen, "bias", None)
         spec = activation_spec(kind.activation) if kind.activation is not None and layer == "normlab" else None
         cls, extra = (_NORMLAB_BN_ACT[dim], spec) if spec is not None else (classes[dim], {})
+        if weight is not None and bias is None:  # a weight without a bias: the layer keeps none
+            if layer == "torch" and not TORCH_NORM_HAS_BIAS:
+                raise ValueError(
+                    f"unfreeze_bn: '{name or '<model>'}' ({type(frozen).__name__}) has a weight and no bias, and "
+                    f"torch {torch.__version__}'s {cls.__name__} cannot leave its bias out (bias=False came with "
+                    f"torch 2.13); use layer='normlab', whose batch norms take bias=False on every torch version."
+                )
+            extra = {**extra, "bias": False}
         bn = cls(
             kind.channels, frozen.eps, getattr(frozen, "momentum", 0.1) if momentum == "keep" else momentum,
-            affine=weight is not None, device=ref.device, dtype=weight.dtype if weight is not None else ref.dtype,
-            **extra,
+            affine=weight is not None or bias is not None, device=ref.device,
+            dtype=weight.dtype if weight is not None else ref.dtype, **extra,
         )
         with torch.no_grad():
             if weight is not None:
                 bn.weight.copy_(weight)
+            if bias is not None:  # (γ alone: no bias; β alone: γ stays 1)
                 bn.bias.copy_(bias)
             bn.running_mean.copy_(ref)
             bn.running_var.copy_(frozen.running_var)

@@ -20,9 +20,11 @@ Conventions (see :mod:`normlab.stats`). Keras and Flax compute at inference
 ``momentum`` is a decay, the weight of the old value. The result is a normlab
 ``BatchNorm1d/2d/3d`` in eval mode with ``momentum = 1 - decay`` (torch's meaning), ``eps = epsilon``
 and ``unbiased=False``: its inference is exactly the source's, and further training updates the
-statistics as the source would. A gamma (scale) or beta (bias) the source does not have is
-a constant 1 or 0 there: ``affine=True`` with that parameter frozen (``requires_grad=False``), so
-training leaves it as the source would; neither gives ``affine=False``.
+statistics as the source would. A source with gamma (scale) and no beta (bias) (Keras
+``center=False``, Flax ``use_bias=False``) gives a weight without a bias (``bias=False``: no
+``bias`` parameter or state-dict key); one with beta and no gamma gives ``affine=True`` with the
+weight frozen at 1 (``requires_grad=False``), so training leaves it as the source would; neither
+gives ``affine=False``.
 
 Layout. Keras and Flax default to channels-last (``axis=-1``): ``(N, H, W, C)``. normlab's
 layers, like torch's, are channels-first ``(N, C, H, W)``: give them ``x.movedim(-1, 1)`` (for 4-D

@@ -62,7 +62,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -
 
     Unlike ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` the result trains on the CPU (gloo)
     too, a fused activation is kept, and the input model is left as it was. Layers already
-    synchronized are left as they are (their process group too).
+    synchronized are left as they are (their process group too). A batch norm with a weight and no
+    bias (``bias=False``) stays so.
 
     Batch norms that have no synchronized counterpart are left as they are, with a warning naming
     them: ``GhostBatchNorm`` normalizes each virtual batch of ``virtual_batch_size`` samples with
@@ -98,12 +99,13 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any | None = None) -
         ref = bn.weight if bn.weight is not None else bn.running_mean
         sync = cls(
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype, **options,
+            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype,
+            bias=bn.bias is not None or bn.weight is None, **options,
         )
         sync.load_state_dict(bn.state_dict())
-        if bn.affine:
-            sync.weight.requires_grad_(bn.weight.requires_grad)
-            sync.bias.requires_grad_(bn.bias.requires_grad)
+        for name in ("weight", "bias"):
+            if getattr(bn, name) is not None:
+                getattr(sync, name).requires_grad_(getattr(bn, name).requires_grad)
         if getattr(bn, "name", None):
             sync.name = bn.name
         return sync.train(bn.training)

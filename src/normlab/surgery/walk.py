@@ -4,7 +4,8 @@ Every model tool of :mod:`normlab.surgery` (folding's structural path, conversio
 unfreezing) changes a model through :func:`replace_modules`, so they share one behaviour:
 
 * the input model is never modified: the walk runs on a ``copy.deepcopy`` (``inplace=True``
-  skips the copy for models too large to hold twice);
+  skips the copy for models too large to hold twice); a model whose lazy layers have not run
+  yet cannot be copied (torch's limit), and is refused with a ``ValueError`` saying so;
 * a module reachable under several names (weight sharing) is replaced once, and every name
   then points to the same replacement, as before;
 * a replaced module is not descended into (its children went with it), and neither is the
@@ -21,6 +22,7 @@ from collections.abc import Callable, Collection
 from typing import Union
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = ["Match", "check_model", "find_modules", "replace_modules"]
 
@@ -92,6 +94,18 @@ def find_modules(model: nn.Module, match: Match) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _check_copyable(model: nn.Module) -> None:
+    """The tools copy the model; torch cannot copy a lazy module before its first forward."""
+    lazy = [name or "<model>" for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(
+            f"replace_modules: the model has lazy layers whose parameters do not exist yet ({', '.join(map(repr, lazy[:5]))}"
+            f"{' ...' if len(lazy) > 5 else ''}): they are created from the shape of the first input, and torch "
+            f"cannot copy the model before that. Run the model once on an input first."
+        )
+
+
 def replace_modules(
     model: nn.Module,
     match: Match,
@@ -120,6 +134,8 @@ def replace_modules(
     """
     check_model(model, "replace_modules")
     picks = _predicate(model, match, "replace_modules")
+    if not inplace:
+        _check_copyable(model)
     root = model if inplace else copy.deepcopy(model)
     done: dict[int, nn.Module] = {}  # id(old module) -> its replacement, for shared modules
 
