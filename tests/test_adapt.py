@@ -13,6 +13,16 @@ import normlab
 from normlab.adapt import Tent, adapt_bn, adapted_norms, adapting_bn, mixed_statistics, softmax_entropy
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models on shared cores slow down many times over when torch's
+    threads wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _norms():
     """(name, factory of a norm over 3 channels, rank of its input, activation after it)."""
     return [
@@ -341,3 +351,71 @@ def test_tent_errors_state_the_rule():
     tent.train()
     with pytest.raises(ValueError, match="is in training mode"):
         tent(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 16, acceptance: the README's one-liners, tried as a new user would
+
+
+class _TinyResNet(nn.Module):
+    """A ResNet-style classifier of plain torch.nn layers, trained 'elsewhere' (below)."""
+
+    def __init__(self, width=16, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.body(h)))
+
+
+def _readme_chunks():
+    """The python block of the README's "Adapting to shifted data" section, cut at blank lines."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Adapting to shifted data", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    return [chunk for chunk in code.split("\n\n") if chunk.strip()]
+
+
+def test_readme_one_liners_improve_a_plain_torch_resnet_on_a_corrupted_batch():
+    from normlab.lab.corruptions import corrupt
+    from normlab.lab.data import load_dataset
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = _TinyResNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(data.y_train), (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    lo, hi = float(data.x_train.min()), float(data.x_train.max())
+    x, y = data.x_test[:200], data.y_test[:200]
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    x = corrupt(x, "contrast", 3, torch.Generator().manual_seed(1), value_range=(lo, hi))
+    shifted_batches = [corrupt(data.x_train[i:i + 100], "contrast", 3, torch.Generator().manual_seed(2 + i),
+                               value_range=(lo, hi)) for i in range(0, 500, 100)]
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        source = float((model(x).argmax(1) == y).float().mean())
+    assert clean > 0.85 and source < clean - 0.2, (clean, source)  # trained, and hurt by the shift
+    chunks = _readme_chunks()
+    assert len(chunks) == 5  # import, adapt_bn, adapting_bn, Tent, recalibrate_bn
+    namespace = {"model": model, "x": x, "shifted_batches": shifted_batches}
+    exec(chunks[0], namespace)
+    for chunk in chunks[1:]:
+        namespace.pop("predictions", None)
+        exec(chunk, namespace)
+        accuracy = float((namespace["predictions"] == y).float().mean())
+        assert accuracy > source + 0.1, (chunk, source, accuracy)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model itself unchanged
