@@ -215,6 +215,23 @@ def test_adapt_bn_errors_state_the_rule():
                                                                                             [False, False, False]]))
 
 
+def test_another_librarys_norm_act_subclass_keeps_its_activation():
+    """timm's BatchNormAct2d pattern: a torch BatchNorm2d subclass applying .drop then .act."""
+    class BatchNormAct2d(nn.BatchNorm2d):
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.drop, self.act = nn.Identity(), nn.Hardswish()
+
+        def forward(self, x):
+            return self.act(self.drop(super().forward(x)))
+
+    norm = _trained(lambda: BatchNormAct2d(3))
+    x = _input(2)
+    expected = nn.functional.hardswish(_oracle(norm, x, 0, None))
+    torch.testing.assert_close(adapt_bn(nn.Sequential(norm).eval(), prior=0)(x).double(), expected,
+                               atol=2e-5, rtol=1e-5)
+
+
 def test_an_unverified_batch_norm_is_left_alone_with_a_warning():
     class Odd(nn.BatchNorm1d):
         def forward(self, x):
