@@ -74,6 +74,7 @@ def test_large_reductions_are_supported():
     # severity 5: source 0.60, 0.61, 0.62; adapted 0.60 x 0.60, 0.61 x 0.58, 0.62 x 0.56
     assert "source 61.0%, recalibrate_bn 35.4%, adapt_bn N=0 35.4%" in summary.headline
     assert summary.rows[2][1] == "adapt_bn N=0" and summary.rows[2][-1].startswith("42.0% [")
+    assert "ours beside the published: adapt_bn N=0 42.0% (Wang et al.'s test-batch statistics: 53%" in summary.notes[0]
 
 
 def test_small_reductions_are_mixed():
