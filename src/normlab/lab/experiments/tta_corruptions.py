@@ -206,7 +206,8 @@ class TTACorruptions(Experiment):
                 findings.append(rules[key].decide(None, None, None, n=0, note="no job recorded the corruption errors"))
         table = self._table(names, corruptions, severities, seeds, err, reductions, rule_severity)
         headline = self._headline(names, seeds, err, reductions, rule_severity, len(corruptions))
-        notes = self._notes(names, corruptions, severities, seeds, err, rule_severity) if seeds else [
+        data = config.get("data", {}).get("name", "mnist-5k")
+        notes = self._notes(names, corruptions, severities, seeds, err, rule_severity, data) if seeds else [
             "No job recorded the corruption errors (they are measured at the final evaluation only)."]
         if all(reductions.get(m) for m in judged.values()):
             adapt, tent = (fmean(reductions[m]) for m in judged.values())
@@ -253,7 +254,7 @@ class TTACorruptions(Experiment):
                 f"Published (CIFAR-10-C, severity 5): 43.5% source, 20.4% test-batch statistics, 18.6% TENT.")
 
     @staticmethod
-    def _notes(names, corruptions, severities, seeds, err, rule_severity) -> list[str]:
+    def _notes(names, corruptions, severities, seeds, err, rule_severity, data) -> list[str]:
         def mean_err(method: str, s: int, c: str = MEAN) -> float:
             return 100 * fmean(err(seed, method, s, c) for seed in seeds)
 
@@ -293,9 +294,9 @@ class TTACorruptions(Experiment):
                          f"(Wang et al.: -1.8 points on CIFAR-10-C).")
         notes.append(f"recalibrate_bn (population statistics of unlabelled corrupted training images): "
                      f"{mean_err(ev.RECALIBRATED, rule_severity):.1f}% at severity {rule_severity}.")
-        notes.append("Differences from the published setting: 28x28 grey digits and a small CNN instead of CIFAR-10 / "
-                     "ImageNet and wide ResNets; these corruptions follow MNIST-C/ImageNet-C but are not their "
-                     "published files; and the source statistics are precise (population) statistics.")
+        notes.append(f"Differences from the published setting: the lab's small images ({data}) and a small CNN instead "
+                     f"of CIFAR-10 / ImageNet and wide ResNets; these corruptions follow MNIST-C/ImageNet-C but are not "
+                     f"their published files; and the source statistics are precise (population) statistics.")
         return notes
 
 
