@@ -23,7 +23,7 @@ from .rows import value as _value
 
 __all__ = ["FIGURE_KINDS", "PERCENTILES", "arms_of", "figure_png", "plot_figure", "seeds_of"]
 
-FIGURE_KINDS = ("curve", "percentiles", "grid", "profile")
+FIGURE_KINDS = ("curve", "percentiles", "grid", "profile", "series")
 PERCENTILES = (15, 50, 85)
 
 # Matplotlib's "tab10" colours, written out so an arm's colour does not depend on rcParams/style.
@@ -166,10 +166,10 @@ def plot_figure(spec: FigureSpec, rows: list[dict[str, Any]], *, arms: list[str]
         return _plot_grid(spec, rows, arms)
     if not spec.probe:
         raise ValueError(f"{spec.kind} figure {spec.title!r} needs FigureSpec.probe (the probe's value prefix).")
-    if spec.kind == "profile":
+    if spec.kind in ("profile", "series"):
         if spec.reduce not in ("first", "final"):
-            raise ValueError(f"profile figure {spec.title!r}: reduce must be 'first' or 'final', got {spec.reduce!r}.")
-        return _plot_profile(spec, rows, arms)
+            raise ValueError(f"{spec.kind} figure {spec.title!r}: reduce must be 'first' or 'final', got {spec.reduce!r}.")
+        return _plot_profile(spec, rows, arms) if spec.kind == "profile" else _plot_series(spec, rows, arms)
     return _plot_percentiles(spec, rows, arms)
 
 
@@ -301,6 +301,50 @@ def _plot_profile(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str])
         return depths, [per_depth[d] for d in depths]
 
     return _plot_lines(spec, rows, arms, points, "layer (1 = first)", f"'{spec.probe}_1', '{spec.probe}_2', ...")
+
+
+def _series_of(job_rows: list[dict[str, Any]], probe: str, which: str) -> dict[str, dict[float, float]]:
+    """``{line: {x: value}}`` from the probe keys ``{probe}:{line}:{x}`` (numeric x) of the job's
+    first or last row that has any."""
+    pattern = re.compile(rf"^{re.escape(probe)}:(.+):([^:]+)$")
+    ordered = job_rows if which == "first" else list(reversed(job_rows))
+    for row in ordered:
+        found: dict[str, dict[float, float]] = {}
+        for key, v in (row.get("probes") or {}).items():
+            m = pattern.match(key)
+            if m and isinstance(v, (int, float)) and math.isfinite(v):
+                try:
+                    x = float(m.group(2))
+                except ValueError:
+                    continue
+                found.setdefault(m.group(1), {})[x] = v
+        if found:
+            return found
+    return {}
+
+
+def _plot_series(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) -> Figure:
+    """One line per name ``line`` of the probe keys ``{probe}:{line}:{x}`` (per arm when there are
+    several), against x; mean over seeds, band min..max; colours by line, in order of appearance."""
+    panels = _panels(spec, rows)
+    fig, axes = _subplots(spec, len(panels))
+    for i, (ax, (title, panel_rows)) in enumerate(zip(axes, panels)):
+        lines: dict[tuple[str, str], dict[float, list[float]]] = {}
+        for job, job_rows in group_jobs(panel_rows).items():
+            for line, values in _series_of(job_rows, spec.probe, spec.reduce).items():
+                for x, v in values.items():
+                    lines.setdefault((job.arm, line), {}).setdefault(x, []).append(v)
+        names = list(dict.fromkeys(line for _, line in lines))
+        several = len({arm for arm, _ in lines}) > 1
+        for (arm, line), per_x in lines.items():
+            xs = sorted(per_x)
+            colour = _PALETTE[names.index(line) % len(_PALETTE)]
+            style = ("-", "--", ":", "-.")[(arms.index(arm) if arm in arms else 0) % 4] if several else "-"
+            _band(ax, xs, [per_x[x] for x in xs], colour, style, f"{arm}, {line}" if several else line)
+        if title:
+            ax.set_title(title, fontsize="medium")
+        _finish(ax, spec, bool(lines), spec.xlabel or "x", f"'{spec.probe}:<line>:<x>'", i == 0)
+    return fig
 
 
 def _plot_percentiles(spec: FigureSpec, rows: list[dict[str, Any]], arms: list[str]) -> Figure:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .claims import CLAIMS
+from .claims import CLAIMS, claim_order
 from .config import ConfigError, ExperimentConfig, apply_overrides, check_user_overrides
 from .experiments import all_experiments
 from .experiments.base import Experiment, Summary
@@ -75,7 +75,7 @@ def select_experiments(claims: Sequence[str] | None = None, names: Sequence[str]
             raise ValueError(f"unknown claim(s) {', '.join(unknown)}; the claims are {', '.join(CLAIMS)}.")
         untested = [c for c in claims if not any(c in e.claims for e in experiments.values())]
         if untested:
-            tested = sorted({c for e in experiments.values() for c in e.claims}, key=lambda c: int(c[1:]))
+            tested = sorted({c for e in experiments.values() for c in e.claims}, key=claim_order)
             raise ValueError(f"no experiment tests {', '.join(untested)} yet; claims with an experiment: "
                              f"{', '.join(tested)} (normlab list).")
         chosen = {n: e for n, e in chosen.items() if set(e.claims) & set(claims)}

@@ -105,6 +105,12 @@ class FigureSpec:
         ``marks``: vertical lines ``((x, label), ...)`` (e.g. standard initializations);
         ``levels``: horizontal lines ``((y, label), ...)`` (e.g. a declared bound).
 
+        ``"series"``: named lines from probe keys ``{probe}:{line}:{x}`` (x numeric) of each job's
+        ``reduce`` row (``"final"``: the last that has them, or ``"first"``), one line per name
+        (per arm and name with several arms) against x, labelled ``xlabel``; mean over seeds, band
+        from the seeds' min to max. For values a job measures several ways at once (e.g. one line
+        per test-time method, against severity).
+
     For every kind, ``where`` keeps only the jobs at those grid values (``{"train.lr": 0.1}``),
     and ``panel`` draws one panel per value of that grid axis.
     """
@@ -123,6 +129,7 @@ class FigureSpec:
     where: tuple[tuple[str, Any], ...] = ()
     marks: tuple[tuple[float, str], ...] = ()
     levels: tuple[tuple[float, str], ...] = ()
+    xlabel: str = ""
 
 
 @dataclass(frozen=True)
