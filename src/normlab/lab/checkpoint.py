@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..layers.kinds import is_batchnorm
 from ..surgery.fold import fold_batchnorm
-from ..surgery.statefile import CheckpointError, load_checkpoint, norm_table
+from ..surgery.statefile import CheckpointError, load_checkpoint, norm_table, read_torch_file
 from .config import arm_config, config_from_dict, config_to_dict, point_config
 from .experiments import all_experiments
 from .models import build_model
@@ -57,14 +57,21 @@ def save_job_checkpoint(path: Path, job: "Job", model: nn.Module, optimizer, sam
 
 
 def load_job_checkpoint(path: Path) -> dict[str, Any]:
-    """A job's checkpoint, to resume from; a ``ValueError`` says to delete an unreadable one."""
+    """A job's checkpoint, to resume from; a ``CheckpointError`` (a ``ValueError``) in one line
+    says to delete an unreadable one, and what is wrong with it."""
+    advice = "cannot resume from a job's checkpoint; delete it to train the job again from the start"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"cannot read the job's checkpoint {path}: delete it to train this job again from the "
-                         f"start ({type(err).__name__}: {first})") from err
+        state = read_torch_file(path, expected=None)
+    except CheckpointError as err:
+        raise CheckpointError(f"{advice}: {err}") from err
+    missing = sorted(_JOB_KEYS - set(state)) if isinstance(state, dict) else sorted(_JOB_KEYS)
+    if missing:
+        raise CheckpointError(f"{advice}: {str(path)!r} loads but is not one that normlab run writes "
+                              f"(no {', '.join(missing)}).")
+    return state
 
+
+_JOB_KEYS = frozenset({"model", "optimizer", "sampler", "torch_rng", "window", "step", "wall_time", "rows"})
 
 
 def rebuild_model(state: dict[str, Tensor], meta: dict[str, Any], path: Path, arm: str | None
