@@ -57,6 +57,9 @@ CASES = {
     "out-in-proc": (lambda tmp: [*SMALL, "--out", "/proc/normlab-x"], "'/proc/normlab-x' cannot be created"),
     "out-is-a-file": (lambda tmp: [*SMALL, "--out", str(_file(tmp, "f"))], "is an existing file, not a folder"),
     "out-below-a-file": (lambda tmp: [*SMALL, "--out", str(_file(tmp, "f") / "sub")], "is a file, not a folder"),
+    "reproduce-out-is-a-file": (lambda tmp: ["reproduce", "--quick", "--experiments", "ioffe2015-mnist", "--data",
+                                             "synthetic", "--jobs", "1", "--no-progress", "--out", str(_file(tmp, "f"))],
+                                "/f/ioffe2015-mnist' cannot be created: "),
     # --config
     "config-is-a-folder": (lambda tmp: [*SMALL, "--config", str(tmp), *_out(tmp)], "is a folder; give a TOML file"),
     "arms-is-a-number": (lambda tmp: [*SMALL, "--config", str(_file(tmp, "a.toml", "arms = 5\n")), *_out(tmp)],

@@ -32,7 +32,8 @@ from .runfiles import atomic_write_bytes
 if TYPE_CHECKING:
     from .job import Job
 
-__all__ = ["fold_checkpoint", "inspect_checkpoint", "load_job_checkpoint", "rebuild_model", "save_job_checkpoint"]
+__all__ = ["fold_checkpoint", "inspect_checkpoint", "load_job_checkpoint", "rebuild_model", "run_checkpoints",
+           "save_job_checkpoint"]
 
 
 def save_job_checkpoint(path: Path, job: "Job", model: nn.Module, optimizer, sampler, window: list[Tensor], step: int,
@@ -133,6 +134,29 @@ def _shapes_from_weights(state: dict[str, Tensor], kind: str, path: Path) -> tup
     return input_shape, heads[-1].shape[0]
 
 
+
+
+def run_checkpoints(path: str | Path, *, arm: str | None = None, seed: int | None = None) -> list[Path]:
+    """The checkpoint files ``normlab inspect`` and ``normlab fold`` take for ``path``: the file
+    itself, or for a run folder (or its ``checkpoints/``) its ``ARM[-POINT]-seedN.pt`` files of
+    ``arm`` and ``seed`` (all when not given), in name order.
+
+    Raises:
+        CheckpointError: the folder holds no checkpoint (of that arm and seed).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(folder.glob("*.pt"))
+    chosen = [p for p in found if (arm is None or re.match(rf"^{re.escape(arm)}(-.+)?-seed\d+$", p.stem))
+              and (seed is None or p.stem.endswith(f"-seed{seed}"))]
+    if not chosen:
+        which = " and ".join(x for x in (arm and f"arm {arm!r}", seed is not None and f"seed {seed}") if x)
+        names = ", ".join(p.name for p in found[:12]) + (", ..." if len(found) > 12 else "")
+        raise CheckpointError(f"{str(folder)!r} holds no checkpoint{' of ' + which if which else ''} "
+                              f"({'it has: ' + names if found else 'no *.pt file'}); give a run folder or a .pt file.")
+    return chosen
 
 
 def inspect_checkpoint(path: str | Path) -> str:
