@@ -6,9 +6,15 @@ once (the distributed tests)."""
 
 import pytest
 
+import device_switch
 from kernel_paths import can_build
 
 from normlab import kernels
+
+
+def pytest_configure(config):
+    if device_switch.PROBLEM:  # never test the CPU quietly when a GPU was asked for
+        raise pytest.UsageError(device_switch.PROBLEM)
 
 
 @pytest.fixture(autouse=True, scope="session")

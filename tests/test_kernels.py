@@ -16,9 +16,11 @@ from normlab import kernels
 from normlab.functional import _dispatch, _numerics
 from normlab import reference as ref
 
+from device_switch import cpu_only
 from kernel_paths import can_build, kernel_path as path  # noqa: F401 - a fixture
 
 needs_kernels = pytest.mark.skipif(not can_build, reason="no C++ compiler here, or NORMLAB_NO_EXTENSION set")
+pytestmark = cpu_only  # normlab's compiled kernels are CPU kernels
 
 # (shape, memory format) of channel-innermost inputs with enough rows for the accurate path
 _LAYOUTS = {
@@ -131,8 +133,34 @@ def test_batch_norm_forward_and_backward_match_reference(path, layout, affine):
         np.testing.assert_allclose(bn.bias.grad.double().numpy(), want_db, rtol=1e-5, atol=1e-5)
 
 
+class _CountingKernels:
+    """The compiled module, counting the calls that reach it (which path served is then known)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        function = getattr(self.module, name)
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return function(*args, **kwargs)
+
+        return call
+
+
+def _counting_kernels(monkeypatch) -> _CountingKernels:
+    module = kernels.channels_last()
+    assert module is not None, "the compiled kernels did not build: this test would compare the fallback with itself"
+    spy = _CountingKernels(module)
+    monkeypatch.setitem(kernels._state, "module", spy)
+    return spy
+
+
 @needs_kernels
-def test_compiled_and_torch_op_paths_agree(monkeypatch):
+def test_item_9_compiled_and_torch_op_paths_agree(monkeypatch):
+    """Issue 15 item 9: this test compared the fallback with itself when the kernels were not
+    built or not used; the compiled calls are now counted in the first run and absent in the second."""
     x = _input("channels_last", 3.0).requires_grad_()
     dy = torch.randn_like(x)
 
@@ -143,7 +171,9 @@ def test_compiled_and_torch_op_paths_agree(monkeypatch):
         y.backward(dy)
         return y.detach(), x.grad.clone(), bn.weight.grad, bn.running_var.clone()
 
+    spy = _counting_kernels(monkeypatch)
     compiled = run()
+    assert {"mean_var", "backward"} <= set(spy.calls), spy.calls  # the statistics and the gradient sums
     monkeypatch.setitem(kernels._state, "module", None)
     fallback = run()
     for a, b in zip(compiled, fallback):
@@ -151,8 +181,9 @@ def test_compiled_and_torch_op_paths_agree(monkeypatch):
 
 
 @needs_kernels
-def test_thread_count_does_not_change_the_statistics():
+def test_thread_count_does_not_change_the_statistics(monkeypatch):
     x = _input("2d", 100.0)
+    spy = _counting_kernels(monkeypatch)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -160,6 +191,7 @@ def test_thread_count_does_not_change_the_statistics():
     finally:
         torch.set_num_threads(threads)
     many = NF.channel_mean_var(x)
+    assert spy.calls.count("mean_var") == 2  # the compiled kernel at both thread counts
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 

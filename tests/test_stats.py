@@ -88,3 +88,12 @@ def test_bad_momentum(value, error, match):
 def test_unbiased_var_needs_two_values():
     with pytest.raises(ValueError, match=r"at least 2 values per channel, got n=1"):
         stats.unbiased_var(torch.ones(2), 1)
+
+
+@pytest.mark.parametrize("decay, momentum", [(0.99, 0.01), (0.9, 0.1), (0.999, 0.001), (0.7, 0.3), (0.0, 1.0), (1.0, 0.0)])
+def test_item_8_momentum_from_decay_is_the_decimal_difference(decay, momentum):
+    """Issue 15 item 8: 1 - 0.99 in floats is 0.010000000000000009; the README promises 0.01.
+    The oracle is the decimal literal, exactly (no tolerance)."""
+    assert stats.momentum_from_decay(decay) == momentum
+    assert stats.decay_from_momentum(momentum) == decay
+    assert repr(stats.from_keras()["momentum"]) == "0.01" and stats.CONVENTIONS["keras"].torch_momentum == 0.01

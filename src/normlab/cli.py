@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,8 @@ EPILOG = """examples:
   normlab run ioffe2015-mnist --quick --resume        # continue the latest stopped run
   normlab run ioffe2015-mnist --quick --nproc 2 --sync-bn   # = torchrun --nproc-per-node 2 -m normlab run ...
   normlab report runs/ioffe2015-mnist-quick-20261125-101500    # or a suite folder: every report and the index
-  normlab inspect runs/ioffe2015-mnist-quick-20261125-101500/checkpoints/batch-seed0.pt
-  normlab fold runs/ioffe2015-mnist-quick-20261125-101500/checkpoints/batch-seed0.pt folded.pt
+  normlab inspect runs/ioffe2015-mnist-quick-20261125-101500               # every checkpoint of the run
+  normlab fold runs/ioffe2015-mnist-quick-20261125-101500 folded.pt --arm batch --seed 0
 
 exit codes: 0 success, 1 --check: expected outcome missed, 2 bad arguments/config/data,
 3 a job failed (traceback in the run folder's errors/), 130 interrupted (continue with --resume)."""
@@ -90,12 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
 
     inspect = sub.add_parser("inspect", help="list the normalization layers of a checkpoint and the health of their statistics")
-    inspect.add_argument("checkpoint", help="a state dict, or a lab checkpoint (runs/.../checkpoints/ARM-seedN.pt)")
+    inspect.add_argument("checkpoint", help="a state dict, a lab checkpoint (runs/RUN/checkpoints/ARM-seedN.pt), "
+                                            "or a run folder (each of its checkpoints)")
+    inspect.add_argument("--arm", help="in a run folder, only this arm's checkpoints")
+    inspect.add_argument("--seed", type=int, help="in a run folder, only this seed's checkpoints")
 
     fold = sub.add_parser("fold", help="fold the batch norms of a lab checkpoint into the preceding layers' weights")
-    fold.add_argument("checkpoint", help="a lab checkpoint (runs/.../checkpoints/ARM-seedN.pt)")
+    fold.add_argument("checkpoint", help="a lab checkpoint (runs/RUN/checkpoints/ARM-seedN.pt), or a run folder "
+                                         "with --arm and --seed choosing one")
     fold.add_argument("out", help="where to write the folded checkpoint")
-    fold.add_argument("--arm", help="the arm the checkpoint trained (default: read from the checkpoint or its file name)")
+    fold.add_argument("--arm", help="the arm the checkpoint trained (default: read from the checkpoint or its file name); "
+                                    "in a run folder, the arm to fold")
+    fold.add_argument("--seed", type=int, help="in a run folder, the seed to fold (default: its first)")
     return parser
 
 
@@ -349,6 +356,20 @@ def _cmd_report(args) -> int:
     return EXIT_OK
 
 
+def _cmd_fold(args) -> int:
+    from .lab.checkpoint import fold_checkpoint, run_checkpoints
+
+    paths = run_checkpoints(args.checkpoint, arm=args.arm, seed=args.seed)
+    seeds = {int(m.group(1)) for p in paths if (m := re.search(r"-seed(\d+)$", p.stem))}
+    if len(paths) > 1 and args.seed is None and seeds:  # a run folder: its first seed of the arm(s) asked for
+        paths = [p for p in paths if p.stem.endswith(f"-seed{min(seeds)}")]
+    if len(paths) > 1:
+        raise _UsageError(f"{args.checkpoint} holds {len(paths)} checkpoints that fit: "
+                          f"{', '.join(p.name for p in paths)}; choose one with --arm (and --seed).")
+    print(fold_checkpoint(paths[0], args.out, arm=args.arm))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``normlab`` command; returns the exit code."""
     parser = build_parser()
@@ -369,15 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reproduce":
             return _cmd_reproduce(args)
         if args.command == "inspect":
-            from .lab.checkpoint import inspect_checkpoint
+            from .lab.checkpoint import inspect_checkpoint, run_checkpoints
 
-            print(inspect_checkpoint(args.checkpoint))
+            paths = run_checkpoints(args.checkpoint, arm=args.arm, seed=args.seed)
+            print("\n\n".join(inspect_checkpoint(path) for path in paths))
             return EXIT_OK
         if args.command == "fold":
-            from .lab.checkpoint import fold_checkpoint
-
-            print(fold_checkpoint(args.checkpoint, args.out, arm=args.arm))
-            return EXIT_OK
+            return _cmd_fold(args)
         return _cmd_report(args)
     except (_UsageError, ValueError) as err:
         if os.environ.get("NORMLAB_DEBUG"):

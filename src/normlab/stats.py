@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 from torch import Tensor
@@ -256,15 +257,32 @@ def combine_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor,
 
 
 def momentum_from_decay(decay: float) -> float:
-    """torch's momentum from a Keras/Flax decay (weight of the old value): ``1 - decay``."""
+    """torch's momentum from a Keras/Flax decay (weight of the old value): ``1 - decay``.
+
+    Computed on the decimal numbers the floats stand for, so ``0.99`` gives exactly ``0.01``
+    (float subtraction gives 0.010000000000000009).
+
+    >>> momentum_from_decay(0.99), momentum_from_decay(0.9), momentum_from_decay(0.999)
+    (0.01, 0.1, 0.001)
+    """
     check_momentum(decay, owner="decay")
-    return 1.0 - float(decay)
+    return _one_minus(decay)
 
 
 def decay_from_momentum(momentum: float) -> float:
-    """Keras/Flax decay from torch's momentum: ``1 - momentum``."""
+    """Keras/Flax decay from torch's momentum: ``1 - momentum`` (decimal, like :func:`momentum_from_decay`).
+
+    >>> decay_from_momentum(0.01), decay_from_momentum(0.1)
+    (0.99, 0.9)
+    """
     check_momentum(momentum)
-    return 1.0 - float(momentum)
+    return _one_minus(momentum)
+
+
+def _one_minus(value: float) -> float:
+    # repr gives the shortest decimal that reads back as the same float: the number the user
+    # wrote. 1 minus it is exact in decimal, then rounded once to the nearest float.
+    return float(Decimal(1) - Decimal(repr(float(value))))
 
 
 def _layer_kwargs(convention: Convention, decay: float | None, eps: float | None) -> dict:

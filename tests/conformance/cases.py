@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import normlab
+from device_switch import generator
 from normlab import reference as ref
 from normlab.layers.base import TORCH_NORM_HAS_BIAS
 
@@ -462,7 +463,7 @@ def seed_of(*key) -> int:
 
 def sample_input(shape: Shape, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit-scale data with a different mean and spread per channel (dimension 1)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)  # on the test device (NORMLAB_TEST_DEVICE); torch.Generator() on the CPU
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     if len(shape) >= 2:
         view = (1, shape[1]) + (1,) * (len(shape) - 2)
@@ -474,7 +475,7 @@ def sample_input(shape: Shape, seed: int, dtype: torch.dtype = torch.float32) ->
 
 def randomize_(layer: nn.Module, seed: int) -> nn.Module:
     """Give parameters and running statistics non-trivial values (weights != 1, biases != 0)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)  # on the test device (NORMLAB_TEST_DEVICE); torch.Generator() on the CPU
 
     def fill(t: torch.Tensor | None, make) -> None:
         if t is not None:

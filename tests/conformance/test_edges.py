@@ -18,6 +18,7 @@ import normlab
 from normlab import reference as ref
 
 from .cases import randomize_, to_numpy
+from device_switch import generator
 from kernel_paths import kernel_path  # noqa: F401 - a fixture
 
 
@@ -150,7 +151,7 @@ def test_nonfinite_batch_poisons_torch_running_stats():
 
 def _train_at_mean_100(layer: nn.Module, shape, steps: int, dtype) -> np.ndarray:
     """Train on data with mean 100; return the float64 reference's running mean for that data."""
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     rm, rv = to_numpy(layer.running_mean), to_numpy(layer.running_var)
     reduce = (0,) + tuple(range(2, len(shape)))
     for _ in range(steps):
@@ -216,7 +217,7 @@ _OFFSET_LAYOUTS = {
 
 def _offset_input(layout: str, shift: float) -> torch.Tensor:
     shape, fmt = _OFFSET_LAYOUTS[layout]
-    g = torch.Generator().manual_seed(int(shift))
+    g = generator(int(shift))
     x = torch.randn(shape, generator=g) + shift
     return x if fmt is None else x.contiguous(memory_format=fmt)
 
@@ -297,3 +298,17 @@ def test_channels_last_parameter_gradients_as_accurate_as_nchw(kernel_path):
     print(f"dweight error NCHW {w_nchw:.3g} channels_last {w_last:.3g}; "
           f"dbias error NCHW {b_nchw:.3g} channels_last {b_last:.3g}")
     assert w_last <= 3 * w_nchw and b_last <= 3 * b_nchw
+
+
+def test_item_9_layers_and_inputs_are_made_on_the_test_device():
+    """Issue 15 item 9: with NORMLAB_TEST_DEVICE=cuda the harness runs on the GPU (here: the CPU)."""
+    from device_switch import TEST_DEVICE
+
+    from .cases import CASES, sample_input
+
+    case = CASES[0]
+    shape = case.shapes[0]
+    layer = case.make(shape)
+    assert {p.device.type for p in layer.parameters()} <= {TEST_DEVICE.type}
+    assert sample_input((4, 3), seed=0).device.type == TEST_DEVICE.type
+    assert torch.zeros(1).device.type == TEST_DEVICE.type

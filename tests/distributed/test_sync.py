@@ -115,10 +115,31 @@ def test_without_a_process_group_it_is_batch_norm():
     torch.testing.assert_close(sync.running_var, plain.running_var)
 
 
-def test_state_dict_matches_torch_sync_batch_norm():
-    ours, theirs = normlab.SyncBatchNorm(5), torch.nn.SyncBatchNorm(5)
-    assert ours.load_state_dict(theirs.state_dict()) is not None
-    assert theirs.load_state_dict(ours.state_dict()) is not None
+def _filled(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter and buffer set to values no freshly made layer has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+            else:
+                tensor.fill_(seed + 7)
+    return module
+
+
+def test_item_9_state_dict_matches_torch_sync_batch_norm():
+    """Issue 15 item 9: this asserted ``load_state_dict(...) is not None``, which is always true.
+    Now: the same keys, and every value carried over in both directions (torch is the oracle)."""
+    ours, theirs = normlab.SyncBatchNorm(5), _filled(torch.nn.SyncBatchNorm(5), 1)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    result = ours.load_state_dict(theirs.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    _filled(ours, 2)
+    theirs.load_state_dict(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[key], value), key
     # not a torch.nn.SyncBatchNorm subclass: DistributedDataParallel refuses those on the CPU
     assert not isinstance(ours, torch.nn.SyncBatchNorm)
     assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm)

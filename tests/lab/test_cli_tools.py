@@ -30,3 +30,26 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["inspect", str(bogus)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("normlab: error: ") and "notes.txt" in err and "state dict" in err
+
+
+def test_item_10_inspect_and_fold_take_a_run_folder(tmp_path, capsys):
+    """Issue 15 item 10: the README's globs broke once two runs existed; a run folder serves instead."""
+    run = tmp_path / "run"
+    Trainer(EXPERIMENT, small_config(**{"train.steps": 10, "train.seeds": 2}), run, progress=False).run()
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    for key in ("none-seed0", "none-seed1", "batch-seed0", "batch-seed1"):
+        assert f"checkpoints/{key}.pt: lab checkpoint" in out, key
+    assert main(["inspect", str(run), "--arm", "batch", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch-seed1.pt" in out and "seed0" not in out and "none-seed" not in out
+    # fold: the folder, the arm, and by default the first seed; the same file as folding it by name
+    assert main(["fold", str(run), str(tmp_path / "a.pt"), "--arm", "batch"]) == 0
+    assert main(["fold", str(run / "checkpoints" / "batch-seed0.pt"), str(tmp_path / "b.pt")]) == 0
+    a, b = (torch.load(tmp_path / name, weights_only=True)["model"] for name in ("a.pt", "b.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["fold", str(run), str(tmp_path / "c.pt")]) == 2  # two arms fit: which one?
+    assert "holds 2 checkpoints that fit: batch-seed0.pt, none-seed0.pt; choose one with --arm" in capsys.readouterr().err
+    assert main(["inspect", str(run), "--arm", "group"]) == 2
+    assert "holds no checkpoint of arm 'group' (it has: batch-seed0.pt" in capsys.readouterr().err

@@ -67,8 +67,9 @@ def test_a_failing_job_fails_the_run_names_it_and_keeps_finished_work(tmp_path, 
     bad = run / "checkpoints" / "none-seed1.pt"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a checkpoint")  # a corrupt checkpoint: loading it raises inside the job
-    with pytest.raises(JobFailed, match=r"job ioffe2015-mnist: arm 'none', seed 1 failed: ValueError: cannot read the "
-                                        r"job.s checkpoint .*none-seed1.pt: delete it to train this job again .*"
+    with pytest.raises(JobFailed, match=r"job ioffe2015-mnist: arm 'none', seed 1 failed: CheckpointError: cannot "
+                                        r"resume from a job.s checkpoint; delete it to train the job again from the "
+                                        r"start: .*none-seed1.pt' is not a PyTorch checkpoint.*"
                                         r"\(traceback: .*none-seed1.txt\)"):
         Trainer(EXPERIMENT, small_config(), run, progress=False, jobs=jobs).run()
     error = (run / "errors" / "none-seed1.txt").read_text()

@@ -63,12 +63,14 @@ def _load() -> ModuleType | None:
         # The name carries torch's version and the instruction set: a cached build made for
         # another torch or another CPU (a shared home directory) is never loaded by mistake.
         tag = re.sub(r"\W", "_", f"{torch.__version__}_{'avx2' if vector_flags else 'base'}")
-        message = "normlab: compiling its channels_last CPU kernel, once (about a minute)..."
-        _log.info(message)
-        if sys.stderr is not None and sys.stderr.isatty():  # a person waiting sees why
-            print(message, file=sys.stderr, flush=True)
+        # A warning, so that it reaches a log or a CI job as well as a terminal (Python's
+        # last-resort handler prints it on stderr when the application configured no logging):
+        # whoever waits a minute sees why.
+        name = f"normlab_channels_last_{tag}"
+        if _needs_build(name):
+            _log.warning("normlab: compiling its channels_last CPU kernel, once (about a minute)...")
         return cpp_extension.load(
-            name=f"normlab_channels_last_{tag}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *vector_flags],
             extra_ldflags=["-fopenmp"],
@@ -85,6 +87,16 @@ def _load() -> ModuleType | None:
             stacklevel=3,
         )
         return None
+
+
+def _needs_build(name: str) -> bool:
+    """Whether torch's extension cache lacks the built library (then loading it compiles it)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private, stable since torch 1.x
+
+        return not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # noqa: BLE001 - when unsure, say that it may take a minute
+        return True
 
 
 def _ensure_ninja_on_path() -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..layers.kinds import is_batchnorm
 from ..surgery.fold import fold_batchnorm
-from ..surgery.statefile import CheckpointError, load_checkpoint, norm_table
+from ..surgery.statefile import CheckpointError, load_checkpoint, norm_table, read_torch_file
 from .config import arm_config, config_from_dict, config_to_dict, point_config
 from .experiments import all_experiments
 from .models import build_model
@@ -32,7 +32,8 @@ from .runfiles import atomic_write_bytes
 if TYPE_CHECKING:
     from .job import Job
 
-__all__ = ["fold_checkpoint", "inspect_checkpoint", "load_job_checkpoint", "rebuild_model", "save_job_checkpoint"]
+__all__ = ["fold_checkpoint", "inspect_checkpoint", "load_job_checkpoint", "rebuild_model", "run_checkpoints",
+           "save_job_checkpoint"]
 
 
 def save_job_checkpoint(path: Path, job: "Job", model: nn.Module, optimizer, sampler, window: list[Tensor], step: int,
@@ -57,14 +58,21 @@ def save_job_checkpoint(path: Path, job: "Job", model: nn.Module, optimizer, sam
 
 
 def load_job_checkpoint(path: Path) -> dict[str, Any]:
-    """A job's checkpoint, to resume from; a ``ValueError`` says to delete an unreadable one."""
+    """A job's checkpoint, to resume from; a ``CheckpointError`` (a ``ValueError``) in one line
+    says to delete an unreadable one, and what is wrong with it."""
+    advice = "cannot resume from a job's checkpoint; delete it to train the job again from the start"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"cannot read the job's checkpoint {path}: delete it to train this job again from the "
-                         f"start ({type(err).__name__}: {first})") from err
+        state = read_torch_file(path, expected=None)
+    except CheckpointError as err:
+        raise CheckpointError(f"{advice}: {err}") from err
+    missing = sorted(_JOB_KEYS - set(state)) if isinstance(state, dict) else sorted(_JOB_KEYS)
+    if missing:
+        raise CheckpointError(f"{advice}: {str(path)!r} loads but is not one that normlab run writes "
+                              f"(no {', '.join(missing)}).")
+    return state
 
+
+_JOB_KEYS = frozenset({"model", "optimizer", "sampler", "torch_rng", "window", "step", "wall_time", "rows"})
 
 
 def rebuild_model(state: dict[str, Tensor], meta: dict[str, Any], path: Path, arm: str | None
@@ -126,6 +134,29 @@ def _shapes_from_weights(state: dict[str, Tensor], kind: str, path: Path) -> tup
     return input_shape, heads[-1].shape[0]
 
 
+
+
+def run_checkpoints(path: str | Path, *, arm: str | None = None, seed: int | None = None) -> list[Path]:
+    """The checkpoint files ``normlab inspect`` and ``normlab fold`` take for ``path``: the file
+    itself, or for a run folder (or its ``checkpoints/``) its ``ARM[-POINT]-seedN.pt`` files of
+    ``arm`` and ``seed`` (all when not given), in name order.
+
+    Raises:
+        CheckpointError: the folder holds no checkpoint (of that arm and seed).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(folder.glob("*.pt"))
+    chosen = [p for p in found if (arm is None or re.match(rf"^{re.escape(arm)}(-.+)?-seed\d+$", p.stem))
+              and (seed is None or p.stem.endswith(f"-seed{seed}"))]
+    if not chosen:
+        which = " and ".join(x for x in (arm and f"arm {arm!r}", seed is not None and f"seed {seed}") if x)
+        names = ", ".join(p.name for p in found[:12]) + (", ..." if len(found) > 12 else "")
+        raise CheckpointError(f"{str(folder)!r} holds no checkpoint{' of ' + which if which else ''} "
+                              f"({'it has: ' + names if found else 'no *.pt file'}); give a run folder or a .pt file.")
+    return chosen
 
 
 def inspect_checkpoint(path: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""The claims made for batch normalization that the lab tests (``../shared/design/CLAIMS.md``).
+"""The claims made for batch normalization that the lab tests (``docs/design/CLAIMS.md``).
 
 One entry per claim: its id, the claim in plain words, and the published anchor to print
 beside our number. Experiments name the claims they test by id; the suite's index has one

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import sys
 import typing
 import warnings
@@ -49,6 +50,7 @@ __all__ = [
     "arm_config",
     "check_grid",
     "check_user_overrides",
+    "check_values",
     "grid_points",
     "point_config",
     "config_from_dict",
@@ -345,6 +347,37 @@ def check_grid(config: ExperimentConfig) -> None:
             apply_overrides(config, {key: value}, parse=False)
 
 
+def check_values(config: ExperimentConfig) -> None:
+    """The ranges the training options and numeric params must lie in (their types are checked
+    by :func:`apply_overrides`); the trainer calls it on every job's config before the run
+    folder is written.
+
+    Raises:
+        ConfigError: naming the key, the rule, the value received and an example of a valid one.
+
+    >>> check_values(apply_overrides(ExperimentConfig(experiment="demo"), {"train.lr": "0.1"}))
+    >>> check_values(apply_overrides(ExperimentConfig(experiment="demo"), {"train.lr": "-1"}))
+    Traceback (most recent call last):
+    ...
+    normlab.lab.config.ConfigError: train.lr must be a finite number > 0, got -1.0 (e.g. --set train.lr=0.1).
+    """
+    t = config.train
+    rules = [
+        ("train.lr", t.lr, math.isfinite(t.lr) and t.lr > 0, "a finite number > 0", "0.1"),
+        ("train.momentum", t.momentum, 0 <= t.momentum < 1, "in [0, 1) (0: plain SGD)", "0.9"),
+        ("train.weight_decay", t.weight_decay, math.isfinite(t.weight_decay) and t.weight_decay >= 0,
+         "a finite number >= 0", "0.0001"),
+    ]
+    for key, value, ok, rule, example in rules:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}, got {value!r} (e.g. --set {key}={example}).")
+    for name, value in config.params.items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"params.{name} must be finite, got {value!r}; "
+                              f"the experiment {config.experiment!r} measures its outcome with it.")
+
+
 def grid_points(config: ExperimentConfig) -> list[dict[str, Any]]:
     """The points of the grid, in order (the first axis varies slowest); ``[{}]`` without a grid.
 
@@ -367,24 +400,65 @@ def point_config(config: ExperimentConfig, point: dict[str, Any]) -> ExperimentC
 
 
 def load_toml_overrides(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file of overrides: tables ``[train]``, ``[model]``, ... or dotted keys."""
+    """Read a TOML file of overrides: tables ``[train]``, ``[model]``, ... or dotted keys.
+
+    ``[arms.NAME]`` tables (each arm's overrides) come back under ``"__arms__"`` and a ``[grid]``
+    table (axis = list of values) under ``"__grid__"``; keys nested in tables become dotted keys
+    (``[arms.bn] model.norm = "batch"`` is ``{"bn": {"model.norm": "batch"}}``).
+
+    Raises:
+        ConfigError: the file is missing, is a folder or unreadable, is not TOML, or its
+            ``arms``/``grid`` are not tables of the right shape.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {str(path)!r} is a folder; give a TOML file ([train] lr = 0.1 ...).")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ConfigError(f"config file {str(path)!r} cannot be read as text ({reason}); give a TOML file.") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}.") from None
     flat: dict[str, Any] = {}
     for section, body in data.items():
-        if section in ("arms", "grid") and isinstance(body, dict):
-            flat[f"__{section}__"] = body
+        if section in ("arms", "grid"):
+            flat[f"__{section}__"] = _arms_table(body, path) if section == "arms" else _grid_table(body, path)
         elif isinstance(body, dict):
-            for name, value in body.items():
-                flat[f"{section}.{name}"] = value
+            flat.update(_dotted(body, section))
         else:
             flat[section] = body
     return flat
+
+
+def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables as dotted keys: ``{"model": {"norm": "x"}}`` -> ``{"model.norm": "x"}``."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}.{key}" if prefix else key
+        out.update(_dotted(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _arms_table(body: Any, path: Path) -> dict[str, dict[str, Any]]:
+    example = '[arms.mine] "model.norm" = "batch"'
+    if not isinstance(body, dict):
+        raise ConfigError(f"config file {str(path)!r}: arms must be a table of arms, each a table of config keys "
+                          f"(e.g. {example}), got {type(body).__name__} {body!r}.")
+    for name, arm in body.items():
+        if not isinstance(arm, dict):
+            raise ConfigError(f"config file {str(path)!r}: arm {name!r} must be a table of config keys "
+                              f"(e.g. [arms.{name}] \"model.norm\" = \"batch\"), got {type(arm).__name__} {arm!r}.")
+    return {name: _dotted(arm) for name, arm in body.items()}
+
+
+def _grid_table(body: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ConfigError(f"config file {str(path)!r}: grid must be a table of axes, each a config key with a list "
+                          f"of values (e.g. [grid] \"train.lr\" = [0.1, 1.0]), got {type(body).__name__} {body!r}.")
+    return _dotted(body)
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

@@ -242,6 +242,18 @@ def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
+def _check_images(images: np.ndarray, path: Path) -> np.ndarray:
+    """``images`` ``(N, rows, cols)`` if it holds at least one image of at least one pixel."""
+    n, rows, cols = images.shape
+    if n == 0:
+        raise ValueError(f"{path} holds no images (its header gives 0 of them); a split needs at least one. "
+                         "Fetch the file again.")
+    if rows == 0 or cols == 0:
+        raise ValueError(f"{path} holds images of {rows}x{cols} pixels (its header's sizes); an image needs at "
+                         "least one row and one column. Fetch the file again.")
+    return images
+
+
 def _check_labels(labels: np.ndarray, n: int, num_classes: int, where: str) -> np.ndarray:
     if len(labels) != n:
         raise ValueError(f"{where} has {len(labels)} labels for {n} images; they must match. "
@@ -260,10 +272,15 @@ def _idx_set(dataset: str, torchvision_name: str) -> Callable[[Path], _Raw]:
         paths = _find_files(dataset, folders, [n for pair in names.values() for n in pair], ("", ".gz"))
         arrays = []
         for images_name, labels_name in names.values():
-            images = _read_idx(paths[images_name], ndim=3)
+            images = _check_images(_read_idx(paths[images_name], ndim=3), paths[images_name])
             labels = _read_idx(paths[labels_name], ndim=1)
             where = f"{paths[labels_name]} (with {paths[images_name].name})"
             arrays += [images[:, None], _check_labels(labels, len(images), 10, where)]
+        train, test = (paths[images_name] for images_name, _ in names.values())
+        if arrays[0].shape[2:] != arrays[2].shape[2:]:  # a model built for one size cannot read the other
+            raise ValueError(f"the training images ({train}) are {'x'.join(map(str, arrays[0].shape[2:]))} pixels "
+                             f"but the test images ({test}) are {'x'.join(map(str, arrays[2].shape[2:]))}; both "
+                             "splits must have one image size. Use the files of one data set and release.")
         folders_used = sorted({str(p.parent) for p in paths.values()})
         return _Raw(*arrays, scale=255.0, source=f"IDX files in {', '.join(folders_used)}")
 

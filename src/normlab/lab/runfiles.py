@@ -9,7 +9,33 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "append_jsonl", "read_jsonl", "write_jsonl"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "append_jsonl", "make_folder", "read_jsonl", "write_jsonl"]
+
+
+def make_folder(path: Path, *, what: str = "the run folder", option: str = "--out") -> None:
+    """Create the folder ``path`` (and its parents) and check that files can be written in it.
+
+    Raises:
+        ValueError: one line naming the folder, why it cannot be used (a file stands there or on
+            its way, the system refuses to create it, or it is not writable) and to choose
+            another ``option``.
+    """
+    path = Path(path)
+    fix = f"choose another {option}"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is an existing file, not a folder; {fix}.")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {str(blocker)!r} is a file, not a folder; {fix}.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # mkdir can succeed where files cannot be written (read-only mounts, permissions)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".normlab-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{what} {str(path)!r} cannot be created or written ({reason}); {fix}.") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

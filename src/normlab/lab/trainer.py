@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from .config import (ConfigError, ExperimentConfig, arm_config, config_from_dict, config_to_dict, grid_points,
-                     save_config)
+from .checkpoint import load_job_checkpoint
+from .config import (ConfigError, ExperimentConfig, arm_config, check_values, config_from_dict, config_to_dict,
+                     grid_points, save_config)
 from .data import Dataset
 from .distributed import Team, join
 from .executor import Executor, make_executor
@@ -26,7 +27,7 @@ from .experiments.base import Experiment
 from .job import (BatchSampler, Interrupted, Job, RunPaths, dataset_for, job_key, make_optimizer,  # noqa: F401
                   resolve_device, run_job)  # some re-exported: the trainer is where users look for them
 from .models import check_model_config
-from .runfiles import append_jsonl, read_jsonl, write_jsonl
+from .runfiles import append_jsonl, make_folder, read_jsonl, write_jsonl
 
 __all__ = ["Interrupted", "Job", "RunPaths", "Trainer", "BatchSampler", "execute", "plan_jobs", "resolve_device",
            "run_job", "unfinished_jobs"]
@@ -59,7 +60,7 @@ class Trainer:
         config: the resolved config.
         run_dir: the run folder (created).
         resume: continue a stopped run in ``run_dir``; its ``config.json`` must equal ``config``.
-        progress: show a progress bar with ETA (tqdm) on stderr.
+        progress: show progress on stderr: a bar with ETA on a terminal, a plain line every 5% elsewhere.
         data: a loaded data set (else loaded from ``config.data``; worker processes load their own).
         jobs: worker processes (1: every job in this process, one after another).
         executor: where the jobs run instead (e.g. a :class:`~normlab.lab.ray_executor.RayExecutor`).
@@ -91,6 +92,17 @@ class Trainer:
             if cfg.train.batch_size > len(self.data.y_train):
                 raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.data.y_train)} "
                                   f"training samples of {cfg.data.name}; lower it.")
+        # The folder last: everything that can refuse the run does so before it is written in,
+        # so that the corrected command can use the same --out.
+        problem = None
+        if self.team.main:
+            try:
+                self._check_folder(read_checkpoints=resume)
+            except ValueError as err:
+                problem = str(err)
+        problem = self.team.share(problem)  # every process stops on rank 0's error, none waits
+        if problem:
+            raise ConfigError(problem)
 
     def _check_config(self) -> list[ExperimentConfig]:
         """Check the run's options and the config of every arm at every grid point; return those configs."""
@@ -112,6 +124,8 @@ class Trainer:
         configs = [self.experiment.job_config(arm_config(self.config, arm, point))
                    for point in grid_points(self.config) for arm in self.config.arms]
         for cfg in configs:
+            check_values(cfg)
+            self.experiment.check_params(cfg.params)
             check_model_config(cfg.model)
             make_optimizer(cfg.train, nn.Linear(1, 1))
             resolve_device(cfg.train.device)
@@ -145,6 +159,17 @@ class Trainer:
         return [job for job in self.jobs() if job.key not in finished]
 
     def _prepare_folder(self) -> None:
+        self._check_folder()
+        if not self.paths.config.exists():
+            save_config(self.config, self.paths.config)
+
+    def _check_folder(self, read_checkpoints: bool = False) -> None:
+        """Create the run folder, or check the run it holds against this one (and, with
+        ``read_checkpoints``, that every unfinished job's checkpoint can be resumed from)."""
+        try:
+            make_folder(self.paths.root)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         saved = self.paths.config
         if saved.exists():
             if not self.resume:
@@ -160,9 +185,10 @@ class Trainer:
                     f"--resume: the run in {str(self.paths.root)!r} was made with a different config "
                     f"(differs in {', '.join(diff)}); resume with the same options or start a new --out."
                 )
-        else:
-            self.paths.root.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, saved)
+        if read_checkpoints:  # a damaged one would fail its job mid-run; say so now, in one line
+            for job in self.jobs():
+                if not self.paths.finished(job.key).exists() and self.paths.checkpoint(job.key).exists():
+                    load_job_checkpoint(self.paths.checkpoint(job.key))
 
     def finish_job(self, job: Job, rows: list[dict[str, Any]]) -> None:
         """Record a finished job: its rows file, then its rows appended to the metrics."""
@@ -231,9 +257,9 @@ def execute(runs: Sequence[Trainer], *, jobs: int = 1, progress: bool = True,
 
 
 def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from .progress import progress_display
 
-    return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
+    return progress_display(total, enabled=enabled)  # a bar on a terminal, plain lines in a log
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

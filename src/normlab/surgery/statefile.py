@@ -18,6 +18,7 @@ health of their statistics (:func:`normlab.surgery.stats_problems`). ``normlab i
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from .diagnose import is_norm, stats_problems
 
-__all__ = ["CheckpointError", "load_checkpoint", "norm_table"]
+__all__ = ["CheckpointError", "load_checkpoint", "norm_table", "read_torch_file"]
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -48,23 +49,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         CheckpointError: a missing file, a file torch cannot load safely, or other content.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file.")
-    try:
-        with warnings.catch_warnings():  # torch's note on old pickle protocols: the checks below say more
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{str(path)!r} holds objects that torch.load(weights_only=True) refuses to unpickle (for instance "
-            f"a whole nn.Module saved with torch.save(model)), which could run code: "
-            f"{str(err).splitlines()[0][:200]}. Save model.state_dict() instead; normlab reads {_WHAT}."
-        ) from None
-    except Exception as err:  # zip/pickle format errors of every kind: not a torch file
-        raise CheckpointError(
-            f"{str(path)!r} is not a PyTorch checkpoint (torch.load failed: {type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''}); normlab reads {_WHAT}."
-        ) from None
+    data = read_torch_file(path)
     if isinstance(data, Mapping):
         for key in ("model", "state_dict"):
             inner = data.get(key)
@@ -77,6 +62,52 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         f"{' with keys ' + repr(sorted(map(str, data))[:8]) if isinstance(data, Mapping) else ''}, not "
         f"{_WHAT}."
     )
+
+
+def read_torch_file(path: str | Path, *, expected: str | None = _WHAT) -> Any:
+    """What ``torch.load(path, map_location="cpu", weights_only=True)`` reads from ``path``.
+
+    A file it cannot read gets one line in normlab's words (empty, not a torch file, a damaged
+    or truncated one, or a pickled object that a safe load refuses), never torch's own
+    multi-line text with its terminal escape codes. ``expected`` (what a readable file would
+    hold) ends the message.
+
+    Raises:
+        CheckpointError: the file is missing or torch cannot load it with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file.")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {str(path)!r}: {err.strerror or err}.") from None
+    if not head:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes), not a PyTorch checkpoint{_reads(expected)}.")
+    try:
+        with warnings.catch_warnings():  # torch's note on old pickle protocols: the checks below say more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure is described below, in one line
+        raise CheckpointError(f"{str(path)!r} {_load_failure(head, err)}{_reads(expected)}.") from err
+
+
+def _reads(expected: str | None) -> str:
+    return f"; normlab reads {expected}" if expected else ""
+
+
+def _load_failure(head: bytes, err: Exception) -> str:
+    """Why torch.load failed, from the file's first bytes and the exception's kind."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if refused:
+        return (f"holds a pickled {refused.group(1)}, which torch.load(weights_only=True) refuses because loading "
+                f"it could run code (a whole nn.Module saved with torch.save(model)?); save model.state_dict() instead")
+    if head.startswith(b"PK"):  # torch.save's zip format
+        return "is a damaged or truncated PyTorch checkpoint (its zip archive cannot be read); save it again"
+    if head[:1] == b"\x80":  # a pickle (torch's legacy format) that does not load
+        return "is not a PyTorch checkpoint (a pickle that torch.load cannot read: damaged, truncated or not torch's)"
+    return "is not a PyTorch checkpoint (torch.save writes a zip archive)"
 
 
 def _is_state_dict(mapping: Mapping) -> bool:

@@ -178,6 +178,11 @@ class Experiment(abc.ABC):
         """
         return config
 
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Raise a ``ConfigError`` for params the outcome cannot be measured with (e.g. a target
+        accuracy above 1); called before the run folder is written. The default accepts any
+        (their types and finiteness are checked by the config)."""
+
     def measurements(self, model: "nn.Module", data: Any, config: "ExperimentConfig", arm: str) -> dict[str, float]:
         """Extra values recorded at every evaluation, beside the probes' (``row["probes"]``).
 

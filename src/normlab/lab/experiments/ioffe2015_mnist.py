@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from ..config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
+from ..config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides
 from ..intervals import geometric_mean_ci, mean_ci
 from ..probes import percentile_probe
 from ..rows import steps_to
@@ -113,6 +113,18 @@ class IoffeMnist(Experiment):
         # The input of the first sigmoid of the last hidden layer: the norm's output with BN,
         # the linear layer's output without.
         return [percentile_probe("sigmoid_input", lambda model: model.blocks[-1].pre_activation, unit=0)]
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Accuracy targets in (0, 1] and a speed-up above 1x: others cannot be reached or tested."""
+        targets = [("target_accuracy", params.get("target_accuracy", 0.85))]
+        targets += [(f"other_targets[{i}]", t) for i, t in enumerate(params.get("other_targets", []))]
+        for name, target in targets:
+            if not 0 < target <= 1:
+                raise ConfigError(f"params.{name} is a test accuracy: it must lie in (0, 1], got {target!r} "
+                                  f"(e.g. --set params.target_accuracy=0.85).")
+        if not params.get("min_speedup", 3.0) > 0:
+            raise ConfigError(f"params.min_speedup must be > 0 (a ratio of steps), got {params['min_speedup']!r} "
+                              f"(e.g. --set params.min_speedup=3).")
 
     def rules(self, params: dict[str, Any]) -> tuple[Rule, Rule]:
         """The verdict rules, fixed before the run by the config's params (C1, C3)."""
