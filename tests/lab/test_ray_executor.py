@@ -187,11 +187,12 @@ def test_issue17_a_failing_job_fails_the_ray_run_with_its_error(cluster, local_r
     bad = run / "checkpoints" / "none-seed1.pt"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a checkpoint")  # loading it raises inside the task
-    expected = (r"job ioffe2015-mnist: arm 'none', seed 1 failed: ValueError: cannot read the job.s checkpoint "
-                r".*none-seed1.pt: delete it .*\(traceback: .*none-seed1.txt\)")
+    expected = (r"job ioffe2015-mnist: arm 'none', seed 1 failed: CheckpointError: cannot resume from a job.s "
+                r"checkpoint; delete it to train the job again from the start: '.*none-seed1.pt' is not a PyTorch "
+                r"checkpoint.*\(traceback: .*none-seed1.txt\)")
     with pytest.raises(JobFailed, match=expected) as failed:
         Trainer(EXPERIMENT, small_config(), run, progress=False, executor=RayExecutor(cluster.address)).run()
-    assert f"checkpoint {run / 'checkpoints' / 'none-seed1.pt'}: delete it" in str(failed.value)  # not the node's scratch
+    assert f"'{run / 'checkpoints' / 'none-seed1.pt'}' is not a PyTorch checkpoint" in str(failed.value)  # not the node's scratch
     assert "UnpicklingError" in (run / "errors" / "none-seed1.txt").read_text()
     bad.unlink()
     rows = Trainer(EXPERIMENT, small_config(), run, resume=True, progress=False,
