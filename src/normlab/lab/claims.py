@@ -51,6 +51,11 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("C15", "batch norm makes weight decay easier to use",
           "van Laarhoven 2017: with BN, L2 acts on the effective learning rate"),
     Claim("C16", "batch norm helps the network learn from augmented data", ""),
+    # Extensions: questions the text's claims leave out, each with an experiment (CLAIMS.md,
+    # "Experiments that challenge or extend the claims"); ids X1, X2, ... after the claims.
+    Claim("X1", "(extension) training only batch norm's gamma and beta, every other weight frozen at its random "
+                "init, learns far more than chance",
+          "Frankle et al. 2020: 82% on CIFAR-10 with a deep ResNet, training only BN"),
 )}
 
 

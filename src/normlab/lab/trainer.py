@@ -15,16 +15,14 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from torch import nn
-
 from .config import (ConfigError, ExperimentConfig, arm_config, config_from_dict, config_to_dict, grid_points,
                      save_config)
 from .data import Dataset
 from .distributed import Team, join
 from .executor import make_executor
 from .experiments.base import Experiment
-from .job import (BatchSampler, Interrupted, Job, RunPaths, dataset_for, job_key, make_optimizer,  # noqa: F401
-                  resolve_device, run_job)  # some re-exported: the trainer is where users look for them
+from .job import (BatchSampler, Interrupted, Job, RunPaths, check_optimizer, dataset_for, job_key,  # noqa: F401
+                  make_optimizer, resolve_device, run_job)  # some re-exported: the trainer is where users look for them
 from .models import check_model_config
 from .runfiles import append_jsonl, read_jsonl, write_jsonl
 
@@ -111,7 +109,7 @@ class Trainer:
                    for point in grid_points(self.config) for arm in self.config.arms]
         for cfg in configs:
             check_model_config(cfg.model)
-            make_optimizer(cfg.train, nn.Linear(1, 1))
+            check_optimizer(cfg)
             resolve_device(cfg.train.device)
             if cfg.train.batch_size % self.team.world:
                 raise ConfigError(
