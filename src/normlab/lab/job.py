@@ -39,8 +39,8 @@ from .experiments.base import Experiment
 from .experiments.registry import get_experiment
 from .models import build_model
 
-__all__ = ["TRAINABLE", "BatchSampler", "Interrupted", "Job", "RunPaths", "job_key", "one_thread", "resolve_device", "run_job",
-           "check_optimizer", "trainable_parameters"]
+__all__ = ["TRAINABLE", "BatchSampler", "Interrupted", "Job", "RunPaths", "check_optimizer", "job_key", "one_thread",
+           "resolve_device", "run_job", "trainable_parameters"]
 
 
 class Interrupted(Exception):

@@ -75,7 +75,7 @@ def select_experiments(claims: Sequence[str] | None = None, names: Sequence[str]
             raise ValueError(f"unknown claim(s) {', '.join(unknown)}; the claims are {', '.join(CLAIMS)}.")
         untested = [c for c in claims if not any(c in e.claims for e in experiments.values())]
         if untested:
-            tested = sorted({c for e in experiments.values() for c in e.claims}, key=lambda c: int(c[1:]))
+            tested = sorted({c for e in experiments.values() for c in e.claims}, key=lambda c: (c[0], int(c[1:])))
             raise ValueError(f"no experiment tests {', '.join(untested)} yet; claims with an experiment: "
                              f"{', '.join(tested)} (normlab list).")
         chosen = {n: e for n, e in chosen.items() if set(e.claims) & set(claims)}

@@ -9,9 +9,17 @@ and more the deeper and wider the network.
 
 Setting: a plain CNN (``model.kind="cnn"``: 3x3 convolutions, the first at stride 1 and the
 others at stride 2, each ``conv -> BN -> ReLU``, global average pooling, a linear output), He
-initialization (``init_gain = sqrt 2``, as Frankle et al.), SGD with momentum 0.9 at lr 0.1,
-batch 60, mnist-5k. A CNN, not an MLP, because that is where the paper's question lives: BN's
-per-channel gamma and beta choose and scale random convolutional features. Arms, sharing a
+initialization (``init_gain = sqrt 2``, as Frankle et al.), Adam at lr 0.01, batch 60,
+mnist-5k. A CNN, not an MLP, because that is where the paper's question lives: BN's per-channel
+gamma and beta choose and scale random convolutional features. Adam rather than the paper's SGD
+with momentum, and depth 3 and up: the reference arm must train in the quick form's few steps
+(a first quick run with SGD lr 0.1, momentum 0.9 left training everything at 0.57-0.61 test
+accuracy, its BN running statistics lagging the fast-moving weights; with Adam, training
+everything reaches 0.90 at depth 3 and 0.96 at depth 4 in 400 steps, but only 0.65 at depth 2,
+whose global pooling sees too small a receptive field). Adam also scales each parameter's step
+by its own gradient history, so the three arms, whose parameters have gradients of very
+different sizes, are not favoured or starved by one shared learning rate. These choices were
+made on the reference arm alone, before any BN-only or output-only result. Arms, sharing a
 seed's initial weights and batches (``train.trainable``):
 
 * ``all``: every parameter trains (the reference);
@@ -35,8 +43,8 @@ Rules (declared, extension X1; both must hold for "supported"):
 Also reported: each arm's accuracy at every grid point, BN-only as a fraction of full training,
 and the trainable-parameter counts.
 
-Forms: full 5 seeds x 3,000 steps, depth 2, 3, 4 x width 16, 32 (evaluation every 100); quick
-3 seeds x 400 steps, depth 2 and 3 at width 16 (evaluation every 50).
+Forms: full 5 seeds x 3,000 steps, depth 3, 4, 5 x width 16, 32 (evaluation every 100); quick
+3 seeds x 300 steps, depth 3 and 4 at width 16 (evaluation every 50).
 """
 
 from __future__ import annotations
@@ -90,7 +98,7 @@ class FrankleBNOnly(Experiment):
     claim = ("X1 (extension): training only batch norm's gamma and beta, on frozen random weights, learns much "
              "(Frankle et al. 2020)")
     title = "Frankle et al. 2020: training batch norm and only batch norm"
-    description = ("ReLU CNN with BN, SGD: train all / only BN's gamma and beta / only the output layer, over depth "
+    description = ("ReLU CNN with BN, Adam: train all / only BN's gamma and beta / only the output layer, over depth "
                    "(and width): final accuracy")
     claims = ("X1",)
     derived = {"model.widths": "params.width * 2**i for conv block i = 0 .. params.depth - 1"}
@@ -110,16 +118,16 @@ class FrankleBNOnly(Experiment):
             data=DataConfig(name="mnist-5k"),
             model=ModelConfig(kind="cnn", widths=widths_for(3, 16), activation="relu", norm="batch",
                               init_gain=2**0.5),
-            train=TrainConfig(steps=3000, batch_size=60, optimizer="sgd", lr=0.1, momentum=0.9, seeds=5,
+            train=TrainConfig(steps=3000, batch_size=60, optimizer="adam", lr=0.01, seeds=5,
                               eval_every=100, checkpoint_every=500),
             arms=dict(ARMS),
-            grid={"params.depth": [2, 3, 4], "params.width": [16, 32]},
+            grid={"params.depth": [3, 4, 5], "params.width": [16, 32]},
             params={"depth": 3, "width": 16},
         )
 
     def quick_config(self) -> ExperimentConfig:
-        config = apply_overrides(self.default_config(), {"train.steps": 400, "train.seeds": 3, "train.eval_every": 50})
-        config.grid = {"params.depth": [2, 3]}
+        config = apply_overrides(self.default_config(), {"train.steps": 300, "train.seeds": 3, "train.eval_every": 50})
+        config.grid = {"params.depth": [3, 4]}
         return config
 
     def job_config(self, config: ExperimentConfig) -> ExperimentConfig:
