@@ -196,6 +196,7 @@ class FrankleBNOnly(Experiment):
             size = "n/a"
         findings = [vs_output, growth]
         notes += self._notes(acc, points, findings)
+        notes += _training_notes(jobs, points[-1] if points else None, config)
         headline = (f"Training only BN's gamma and beta: {vs_output.text} accuracy vs training only the output layer "
                     f"at {size} ({vs_output.verdict}); {growth.text} from the smallest to the largest network "
                     f"({growth.verdict}).")
@@ -218,13 +219,39 @@ class FrankleBNOnly(Experiment):
             out.append("Unlike Frankle et al.'s deep ResNets, here a linear classifier on the random features "
                        "(output-only) learned at least as much as BN-only training: in a shallow CNN, gamma and beta "
                        "have few features to choose from, and the frozen random output layer limits what they can "
-                       "express.")
+                       "express. The runs are also short: if both restricted arms are still learning (the loss-drop "
+                       "note below), the ranking is one of speed as much as of what each can express; the full form "
+                       "trains ten times longer.")
         if growth.verdict == "not supported":
             out.append("BN-only accuracy did not grow with network size here; the paper's growth is over ResNets "
                        "from 14 to 866 layers, far beyond this grid.")
-        out.append("Chance accuracy is 0.1 (10 classes). Trainable parameters: all = every weight; bn-only = "
-                   "2 x (sum of the widths); output-only = 10 x (last width + 1).")
+        out.append("Chance accuracy is 0.1 (10 classes). Frankle et al.'s baseline trains as many randomly chosen "
+                   "other parameters as BN has; output-only here trains the whole last layer, which has more "
+                   "(counts in the next note), so it is the stronger baseline.")
         return out
+
+
+def _training_notes(jobs, largest: tuple[int, int] | None, config: dict[str, Any]) -> list[str]:
+    """Parameter counts at the largest network, and whether each arm's training loss was still
+    falling at the end (the training-loss figure): a short run can rank arms by speed, not capacity."""
+    if largest is None:
+        return []
+    widths = widths_for(*largest)
+    counts = f"bn-only {2 * sum(widths)}, output-only {10 * (widths[-1] + 1)} (for 10 classes)"
+    falling = []
+    for arm in config.get("arms", {}):
+        drops = []
+        for job, job_rows in jobs.items():
+            losses = [r.get("train_loss") for r in job_rows if r["step"] > 0]
+            losses = [v for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+            if job.arm == arm and _point(config, job.point) == largest and len(losses) >= 2 and losses[-2] > 0:
+                drops.append(1 - losses[-1] / losses[-2])
+        if drops:
+            falling.append(f"{arm} {100 * sum(drops) / len(drops):.1f}%")
+    return [f"Trainable parameters at depth {largest[0]}, width {largest[1]}: {counts}.",
+            "Training loss drop over the last evaluation interval at the largest network (mean over seeds; "
+            "a few percent or more means still learning when the run stopped, see the training-loss figure): "
+            + (", ".join(falling) if falling else "n/a") + "."]
 
 
 register(FrankleBNOnly())
