@@ -82,4 +82,6 @@ def test_norm_noise_needs_a_norm_and_a_valid_strength():
         check_model_config(ModelConfig(norm="none", norm_noise=0.5))
     with pytest.raises(ConfigError, match=r"model.norm_noise must be a finite number >= 0 \(0: no noise\), got -1.0"):
         check_model_config(ModelConfig(norm="batch", norm_noise=-1.0))
+    with pytest.raises(ConfigError, match=r"model.norm='batch_act' before the activation computes both in one layer"):
+        check_model_config(ModelConfig(norm="batch_act", activation="relu", norm_noise=0.5))
     check_model_config(ModelConfig(norm="none", norm_noise=0.0))

@@ -114,6 +114,10 @@ def _check_norm_noise(config: ModelConfig) -> None:
         raise ConfigError(f"model.norm_noise={noise!r} perturbs the output of each block's norm, but "
                           f"model.norm={config.norm!r} with model.kind={config.kind!r} has none; set a norm "
                           f"(e.g. model.norm='batch') on an mlp or cnn, or model.norm_noise=0.")
+    if noise > 0 and _fused(config):
+        raise ConfigError(f"model.norm_noise={noise!r} goes between the norm and the activation, but "
+                          f"model.norm='batch_act' before the activation computes both in one layer; use "
+                          f"model.norm='batch' for noisy BN.")
 
 
 def _check_lstm_config(config: ModelConfig) -> None:
