@@ -48,7 +48,7 @@ def test_the_suite_folder_and_its_index(suite):
     for name in ("config.json", "metrics.jsonl", "report.html", "summary.json"):
         assert (out / "ioffe2015-mnist" / name).is_file()
     index = (out / "index.md").read_text()
-    claim_rows = [line for line in index.splitlines() if line.startswith("| C")]
+    claim_rows = [line for line in index.splitlines() if line.startswith(("| C", "| X"))]  # claims, extensions
     assert [row.split(" | ")[0][2:] for row in claim_rows] == list(CLAIMS)  # one row per claim, in order
     c1 = claim_rows[0]
     finding = next(f for f in summaries[0].findings if f.claim == "C1")

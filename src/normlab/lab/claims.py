@@ -55,6 +55,11 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("C15", "batch norm makes weight decay easier to use",
           "van Laarhoven 2017: with BN, L2 acts on the effective learning rate"),
     Claim("C16", "batch norm helps the network learn from augmented data", ""),
+    # Extensions: questions the text's claims leave out, each with an experiment (CLAIMS.md,
+    # "Experiments that challenge or extend the claims"); ids X1, X2, ... after the claims.
+    Claim("X1", "(extension) training only batch norm's gamma and beta, every other weight frozen at its random "
+                "init, learns far more than chance",
+          "Frankle et al. 2020: 82% on CIFAR-10 with a deep ResNet, training only BN"),
 )}
 
 
@@ -65,12 +70,13 @@ def claim_words(claim_id: str) -> str:
     return f"{claim_id}: {CLAIMS[claim_id].words}"
 
 
-def claim_order(claim_id: str) -> tuple[int, str]:
-    """A sort key that puts claims in the order of :data:`CLAIMS`: by number, then suffix
-    (``C8`` before ``C8t`` before ``C9``; ``C10`` after ``C9``).
+def claim_order(claim_id: str) -> tuple[str, int, str]:
+    """A sort key that puts claims in the order of :data:`CLAIMS`: the claims (``C``) before the
+    extensions (``X``), then by number, then suffix (``C8`` before ``C8t`` before ``C9``; ``C10``
+    after ``C9``).
 
-    >>> sorted(["C10", "C8t", "C9", "C8"], key=claim_order)
-    ['C8', 'C8t', 'C9', 'C10']
+    >>> sorted(["X1", "C10", "C8t", "C9", "C8"], key=claim_order)
+    ['C8', 'C8t', 'C9', 'C10', 'X1']
     """
     digits = "".join(ch for ch in claim_id[1:] if ch.isdigit())
-    return int(digits or 0), claim_id[1 + len(digits):]
+    return claim_id[:1], int(digits or 0), claim_id[1 + len(digits):]

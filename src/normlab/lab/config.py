@@ -93,6 +93,9 @@ class ModelConfig:
     # order drawn from permute_seed, then cut into H steps), as in sequential / permuted MNIST.
     sequence: str = "rows"
     permute_seed: int = 0  # the seed of the "permuted" order (one order for every arm and run seed)
+    # Santurkar et al.'s "noisy BN": after each norm, a shift U(-s, s) and scale U(1, 1+s) per unit,
+    # drawn anew at every training step (normlab.lab.noise.StepNoise); 0: none. Needs a norm.
+    norm_noise: float = 0.0
 
 
 @dataclass
@@ -103,6 +106,9 @@ class TrainConfig:
     lr: float = 0.5  # learning rate
     momentum: float = 0.0  # SGD momentum (0: plain SGD)
     weight_decay: float = 0.0  # L2 penalty through the optimizer
+    # which parameters train; the rest stay frozen at their initial values (job.TRAINABLE):
+    # "all", "norm" (the norms' weights and biases), "output" (the last layer), "norm+output"
+    trainable: str = "all"
     seeds: int = 3  # seeds first_seed .. first_seed+seeds-1; arms share a seed's initial weights and batches
     first_seed: int = 0  # the first seed (another set of seeds checks that a verdict holds)
     eval_every: int = 50  # evaluate on the test split every this many steps (and at step 0)

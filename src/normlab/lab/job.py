@@ -39,7 +39,8 @@ from .experiments.base import Experiment
 from .experiments.registry import get_experiment
 from .models import build_model
 
-__all__ = ["BatchSampler", "Interrupted", "Job", "RunPaths", "job_key", "one_thread", "resolve_device", "run_job"]
+__all__ = ["TRAINABLE", "BatchSampler", "Interrupted", "Job", "RunPaths", "check_optimizer", "job_key", "one_thread",
+           "resolve_device", "run_job", "trainable_parameters"]
 
 
 class Interrupted(Exception):
@@ -174,13 +175,69 @@ class BatchSampler:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
+# train.trainable: which parameters an optimizer trains (the others are frozen at their init).
+TRAINABLE = ("all", "norm", "output", "norm+output")
+
+
+def _norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of the blocks' norms (gamma and beta), in model order."""
+    return [p for block in getattr(model, "blocks", []) for name, child in block.named_children()
+            if name == "norm" for p in child.parameters()]
+
+
+def _output_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the model's last ``nn.Linear``: the output layer of every lab model."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
+def trainable_parameters(config, model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``train.trainable`` selects, after setting ``requires_grad`` False on all others.
+
+    ``"all"``: every parameter; ``"norm"``: the blocks' norm weights and biases (Frankle et al.
+    2020's BatchNorm-only training); ``"output"``: the last layer (a linear classifier on random
+    features); ``"norm+output"``: both. Frozen parameters keep their initial values bitwise.
+
+    Raises:
+        ConfigError: an unknown choice, or one that selects no parameter of this model (e.g.
+            ``"norm"`` with ``model.norm="none"``: there is nothing to train).
+    """
+    choice = config.trainable
+    if choice not in TRAINABLE:
+        raise ConfigError(f"train.trainable must be one of {list(TRAINABLE)}, got {choice!r}.")
+    if choice == "all":
+        return list(model.parameters())
+    chosen = {id(p): p for part in choice.split("+")
+              for p in (_norm_parameters(model) if part == "norm" else _output_parameters(model))}
+    if "norm" in choice and not _norm_parameters(model):
+        raise ConfigError(f"train.trainable={choice!r} trains the norms' weights and biases, but this model has "
+                          f"none (model.norm 'none', a norm without affine parameters, or a model without blocks "
+                          f"such as kind 'lstm'); set a norm with weights (e.g. model.norm='batch') or another "
+                          f"train.trainable.")
+    for p in model.parameters():
+        if id(p) not in chosen:
+            p.requires_grad_(False)
+    return list(chosen.values())
+
+
 def make_optimizer(config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (with optional momentum) or Adam, with the config's learning rate and weight decay."""
+    """SGD (with optional momentum) or Adam, with the config's learning rate and weight decay,
+    over the parameters ``config.trainable`` selects (:func:`trainable_parameters`; the rest are
+    frozen)."""
+    if config.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"train.optimizer must be 'sgd' or 'adam', got {config.optimizer!r}.")
+    params = trainable_parameters(config, model)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    raise ConfigError(f"train.optimizer must be 'sgd' or 'adam', got {config.optimizer!r}.")
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def check_optimizer(config: ExperimentConfig) -> None:
+    """Raise the ``ConfigError`` :func:`make_optimizer` would raise for a job of ``config``, before
+    any job runs: it builds the model on a small image (off the global random stream) and picks
+    the trainable parameters, so a selection that is empty for this model fails early."""
+    with torch.random.fork_rng(devices=[]):
+        make_optimizer(config.train, build_model(config.model, (1, 8, 8), 2))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch import nn
 from ..layers.recurrent import BNLSTM, LNLSTM
 from ..layers.registry import get_norm, norm_names
 from .config import ConfigError, ModelConfig
+from .noise import StepNoise
 
 __all__ = ["ACTIVATIONS", "LSTM_NORMS", "SEQUENCES", "Block", "SequenceClassifier", "build_model",
            "check_model_config"]
@@ -101,6 +102,22 @@ def check_model_config(config: ModelConfig) -> None:
         raise ConfigError(f"model.init_std must be > 0 or none (torch's default init), got {config.init_std!r}.")
     if config.init_gain is not None and config.init_gain <= 0:
         raise ConfigError(f"model.init_gain must be > 0 or none (init_std or torch's default), got {config.init_gain!r}.")
+    _check_norm_noise(config)
+
+
+def _check_norm_noise(config: ModelConfig) -> None:
+    """model.norm_noise: a finite number >= 0, and > 0 only where there is a norm to follow."""
+    noise = config.norm_noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < float("inf"):
+        raise ConfigError(f"model.norm_noise must be a finite number >= 0 (0: no noise), got {noise!r}.")
+    if noise > 0 and (config.norm == "none" or config.kind == "lstm"):
+        raise ConfigError(f"model.norm_noise={noise!r} perturbs the output of each block's norm, but "
+                          f"model.norm={config.norm!r} with model.kind={config.kind!r} has none; set a norm "
+                          f"(e.g. model.norm='batch') on an mlp or cnn, or model.norm_noise=0.")
+    if noise > 0 and _fused(config):
+        raise ConfigError(f"model.norm_noise={noise!r} goes between the norm and the activation, but "
+                          f"model.norm='batch_act' before the activation computes both in one layer; use "
+                          f"model.norm='batch' for noisy BN.")
 
 
 def _check_lstm_config(config: ModelConfig) -> None:
@@ -140,6 +157,15 @@ def _fused(config: ModelConfig) -> bool:
 
 
 def _norm(config: ModelConfig, channels: int, spatial: int) -> nn.Module | None:
+    norm = _plain_norm(config, channels, spatial)
+    if norm is not None and config.norm_noise > 0:
+        # The noise follows the norm inside the block's "norm" slot, so the activation's input
+        # (Block.pre_activation) is the perturbed output, as in Santurkar et al.'s noisy BN.
+        return nn.Sequential(OrderedDict([("norm", norm), ("noise", StepNoise(config.norm_noise))]))
+    return norm
+
+
+def _plain_norm(config: ModelConfig, channels: int, spatial: int) -> nn.Module | None:
     if config.norm == "none":
         return None
     name = config.norm

@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from torch import nn
-
 from .checkpoint import load_job_checkpoint
 from .config import (ConfigError, ExperimentConfig, arm_config, check_values, config_from_dict, config_to_dict,
                      grid_points, save_config)
@@ -24,8 +22,8 @@ from .data import Dataset
 from .distributed import Team, join
 from .executor import Executor, make_executor
 from .experiments.base import Experiment
-from .job import (BatchSampler, Interrupted, Job, RunPaths, dataset_for, job_key, make_optimizer,  # noqa: F401
-                  resolve_device, run_job)  # some re-exported: the trainer is where users look for them
+from .job import (BatchSampler, Interrupted, Job, RunPaths, check_optimizer, dataset_for, job_key,  # noqa: F401
+                  make_optimizer, resolve_device, run_job)  # some re-exported: the trainer is where users look for them
 from .models import check_model_config
 from .runfiles import append_jsonl, make_folder, read_jsonl, write_jsonl
 
@@ -127,7 +125,7 @@ class Trainer:
             check_values(cfg)
             self.experiment.check_params(cfg.params)
             check_model_config(cfg.model)
-            make_optimizer(cfg.train, nn.Linear(1, 1))
+            check_optimizer(cfg)
             resolve_device(cfg.train.device)
             if cfg.train.batch_size % self.team.world:
                 raise ConfigError(
