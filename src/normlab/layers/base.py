@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from .. import stats as _stats
+from .._tracing import traced
 
 __all__ = ["BatchNormLayer", "BatchNormTemplate", "NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer",
            "name_layers"]
@@ -118,11 +119,33 @@ class NormLayer:
             text = self.__dict__["_label_text"] = f"{type(self).__name__}({first}){where}"
         return text
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module of a model before compiling it. A normlab
+        # forward is Python that TorchScript cannot compile (NamedTuple results, keyword
+        # arguments, autograd Functions, host reads of the statistics), and TorchScript is
+        # deprecated; say so, and name the ways that do work, instead of a parser error deep in
+        # the layer.
+        raise TypeError(
+            f"{self._label()}: normlab layers cannot be compiled by torch.jit.script (TorchScript "
+            f"does not support their Python forward, and torch deprecates it). Use torch.export"
+            f".export(model, (x,)) (train or eval mode; torch.onnx.export(model, (x,)) for ONNX), "
+            f"torch.compile(model), or, for a TorchScript module, torch.jit.trace(model.eval(), x)."
+        )
+
     def _keep_stats_float32(self) -> None:
         for key in ("running_mean", "running_var"):
             buf = self._buffers.get(key)
             if buf is not None and _stats.statistics_dtype(buf.dtype) != buf.dtype:
                 self._buffers[key] = buf.to(_stats.statistics_dtype(buf.dtype))
+
+    def _none_buffers_last(self) -> None:
+        """Move the buffers registered as None (untracked statistics, absent affine parameters)
+        after the others. torch.export's non-strict tracer (torch 2.13) pairs a root module's
+        buffers with its graph inputs by position, counting the None entries, so a None ahead of
+        a tensor buffer (``num_batches_skipped`` of an untracked layer) failed the export with an
+        IndexError. State-dict keys keep their order: None buffers are not in it."""
+        for key in [key for key, buf in self._buffers.items() if buf is None]:
+            self._buffers[key] = self._buffers.pop(key)
 
     def _apply(self, fn, recurse=True):
         before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
@@ -163,6 +186,13 @@ class RunningStatsLayer(NormLayer):
       :func:`normlab.functional.batch_norm` yourself.
     """
 
+    # Whether a training forward under a torch.func transform may update running statistics that
+    # the transformed function captured (module buffers not passed in through functional_call):
+    # torch's instance norm can (its kernel writes through an alias), torch's batch norm cannot
+    # (functorch refuses its in-place update of a captured buffer), and normlab's layers do as
+    # their torch counterpart does.
+    _updates_captured_stats = False
+
     def _init_options(self, on_nonfinite: NonFinitePolicy, dtype: torch.dtype | None) -> None:
         check_choice(type(self).__name__, "on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
         self.on_nonfinite = on_nonfinite
@@ -174,6 +204,7 @@ class RunningStatsLayer(NormLayer):
         self._reported_skips = 0
         self._last_train_mode = True  # the mode of the last train() call (see train)
         self._keep_stats_float32()
+        self._none_buffers_last()
 
     def _stats_device(self) -> torch.device | None:
         rm = getattr(self, "running_mean", None)
@@ -196,6 +227,9 @@ class RunningStatsLayer(NormLayer):
         compiled = torch.compiler.is_compiling()
         if _current_graph_task_id is not None and not compiled and _current_graph_task_id() != -1:
             return  # in_backward(), inline: this runs for every layer at every step
+        # Under torch.func transforms (grad, vmap) the flag has no data on the host either: as
+        # in compiled code, the count grows on the device and the report waits for eval().
+        compiled = compiled or traced(updated)
         # Eager CPU: the flag is on the host, reading it is free. A compiled graph cannot raise on
         # a device value without a host read and a graph break: there the batch is counted on the
         # device and the error comes at model.eval() (see train).
@@ -211,6 +245,12 @@ class RunningStatsLayer(NormLayer):
         mean, var, count = buffers["running_mean"], buffers["running_var"], buffers.get("num_batches_tracked")
         if row is not None:
             mean, var, count = mean[row], var[row], count[row]
+        if self._updates_captured_stats and compiled and not torch.compiler.is_compiling():
+            # functorch lets a transform write into a captured tensor through a fresh alias only,
+            # as torch's instance-norm kernel does; a buffer passed in is written all the same.
+            mean, var, skipped = (torch.ops.aten.alias(t) for t in (mean, var, buffers["num_batches_skipped"]))
+        else:
+            skipped = buffers["num_batches_skipped"]
         # Running statistics carry no gradient; detach() is cheaper than a no_grad() block.
         mean.copy_(running_mean.detach())
         var.copy_(running_var.detach())
@@ -218,7 +258,7 @@ class RunningStatsLayer(NormLayer):
             count.copy_(num_batches_tracked)
         if finite is None:
             # Count on the device (a bool adds 0 or 1); report when leaving training mode.
-            buffers["num_batches_skipped"].add_(~updated)
+            skipped.add_(~updated)
         elif not finite:  # on the host: count and warn at once
             buffers["num_batches_skipped"].add_(1)
             if self.on_nonfinite == "warn":
