@@ -229,7 +229,8 @@ class RunningStatsLayer(NormLayer):
             return  # in_backward(), inline: this runs for every layer at every step
         # Under torch.func transforms (grad, vmap) the flag has no data on the host either: as
         # in compiled code, the count grows on the device and the report waits for eval().
-        compiled = compiled or traced(updated)
+        transform = not compiled and traced(updated)
+        compiled = compiled or transform
         # Eager CPU: the flag is on the host, reading it is free. A compiled graph cannot raise on
         # a device value without a host read and a graph break: there the batch is counted on the
         # device and the error comes at model.eval() (see train).
@@ -245,12 +246,11 @@ class RunningStatsLayer(NormLayer):
         mean, var, count = buffers["running_mean"], buffers["running_var"], buffers.get("num_batches_tracked")
         if row is not None:
             mean, var, count = mean[row], var[row], count[row]
-        if self._updates_captured_stats and compiled and not torch.compiler.is_compiling():
-            # functorch lets a transform write into a captured tensor through a fresh alias only,
-            # as torch's instance-norm kernel does; a buffer passed in is written all the same.
-            mean, var, skipped = (torch.ops.aten.alias(t) for t in (mean, var, buffers["num_batches_skipped"]))
-        else:
-            skipped = buffers["num_batches_skipped"]
+        skipped = buffers["num_batches_skipped"]
+        if transform:
+            self._store_transformed(mean, var, count, skipped, running_mean, running_var, num_batches_tracked,
+                                    updated)
+            return
         # Running statistics carry no gradient; detach() is cheaper than a no_grad() block.
         mean.copy_(running_mean.detach())
         var.copy_(running_var.detach())
@@ -263,6 +263,41 @@ class RunningStatsLayer(NormLayer):
             buffers["num_batches_skipped"].add_(1)
             if self.on_nonfinite == "warn":
                 self._report_skips()
+
+    def _store_transformed(self, mean: Tensor, var: Tensor, count: Tensor | None, skipped: Tensor,
+                           new_mean: Tensor, new_var: Tensor, new_count: Tensor | None, updated: Tensor) -> None:
+        """:meth:`_store_stats`'s writes under a torch.func transform. They fail where torch's
+        layer's fail: into running statistics that the transformed function captured instead of
+        taking them in (``grad``), or unbatched ones with a batched input (``vmap``); the error
+        then says what works."""
+        alias = torch.ops.aten.alias
+        if self._updates_captured_stats:
+            # functorch lets a transform write into a captured tensor through a fresh alias only,
+            # as torch's instance-norm kernel does; a buffer passed in is written all the same.
+            mean, var = alias(mean), alias(var)
+        try:
+            mean.copy_(new_mean.detach())
+            var.copy_(new_var.detach())
+            if new_count is not None:
+                count.copy_(new_count)
+        except RuntimeError as err:
+            cause = str(err).strip().splitlines()[0]
+            raise RuntimeError(
+                f"{self._label()}: a training forward under a torch.func transform cannot update the "
+                f"running statistics in place ({cause}); torch's batch norm fails here too. Pass "
+                f"them in with the parameters, batched as the input is: torch.func.functional_call("
+                f"model, (params, buffers), x), with stack_module_state's buffers under vmap; or "
+                f"keep none: track_running_stats=False, torch.func.replace_all_batch_norm_modules_"
+                f"(model), or eval mode."
+            ) from err
+        # normlab's skip counter (torch has none, so torch-style code leaves it out of the buffers
+        # it passes in): counted where passed in, else in the module's own through an alias. Under
+        # vmap with the module's own counter it cannot count the members' batches; the guard on
+        # the statistics holds all the same.
+        try:
+            (skipped if traced(skipped) else alias(skipped)).add_(~updated)
+        except RuntimeError:
+            pass
 
     def _report_skips(self) -> None:
         """Warn (``"warn"``) or raise (``"raise"``) about the batches skipped since the last
