@@ -23,6 +23,7 @@ PAIRS: dict[str, Pair] = {
     "BatchNorm3d": Pair(lambda m: m.BatchNorm3d(4), (4, 4, 2, 3, 3)),
     "BatchNorm2d-untracked": Pair(lambda m: m.BatchNorm2d(4, track_running_stats=False), (6, 4, 3, 5)),
     "BatchNorm1d-cumulative": Pair(lambda m: m.BatchNorm1d(4, momentum=None), (8, 4)),
+    "SyncBatchNorm": Pair(lambda m: m.SyncBatchNorm(4), (6, 4, 3, 5)),  # one process: no process group
     "InstanceNorm1d": Pair(lambda m: m.InstanceNorm1d(4), (6, 4, 7)),
     "InstanceNorm2d": Pair(lambda m: m.InstanceNorm2d(4), (6, 4, 3, 5)),
     "InstanceNorm2d-tracked": Pair(lambda m: m.InstanceNorm2d(4, affine=True, track_running_stats=True), (6, 4, 3, 5)),

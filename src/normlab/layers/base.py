@@ -176,6 +176,13 @@ class RunningStatsLayer(NormLayer):
       would need a host read and a graph break), so the bad batch is skipped and counted like
       the others, and ``model.eval()`` raises the ``FloatingPointError`` for it, after this
       layer has left training mode. Read ``num_batches_skipped`` to check earlier.
+    * Under ``torch.func`` transforms (``grad``; ``vmap`` ensembling with ``stack_module_state``
+      and ``functional_call``) the running statistics passed in are updated as torch's layer
+      updates them, and skips are counted on the device as under ``torch.compile``. Where torch's
+      layer cannot update them (buffers the transformed function captured instead of taking
+      them in; unbatched buffers under ``vmap`` of batched input) the layer raises a
+      ``RuntimeError`` that says what works; instance norm updates captured statistics, as
+      torch's does.
     * Recompute-safe: a forward that runs inside the backward pass, as
       ``torch.utils.checkpoint`` (``use_reentrant=True`` or ``False``) recomputes it, leaves the
       running statistics and the batch count as the original forward left them, so they take
