@@ -236,7 +236,7 @@ class RunningStatsLayer(NormLayer):
             return  # in_backward(), inline: this runs for every layer at every step
         # Under torch.func transforms (grad, vmap) the flag has no data on the host either: as
         # in compiled code, the count grows on the device and the report waits for eval().
-        transform = not compiled and traced(updated)
+        transform = not compiled and traced(updated, running_mean)
         compiled = compiled or transform
         # Eager CPU: the flag is on the host, reading it is free. A compiled graph cannot raise on
         # a device value without a host read and a graph break: there the batch is counted on the
