@@ -29,12 +29,12 @@ from ._numerics import (
     cast,
     channel_innermost,
     channel_view,
-    compiling,
     finite_flag,
     ill_conditioned,
     memory_format,
     precise,
     rows,
+    traced,
     transformed,
     values_per_channel,
 )
@@ -47,10 +47,10 @@ BLOCK_ELEMENTS = 1 << 20
 SHIFT_SAMPLE_ROWS = 64
 
 
-def kernels_for(matrix: Tensor):
+def kernels_for(matrix: Tensor, *others: Tensor | None):
     """The compiled channel-innermost kernels when they can take ``matrix`` (a contiguous CPU
-    matrix, eager mode, no torch.func transform), else None."""
-    if (not matrix.is_cpu or not matrix.is_contiguous() or compiling() or transformed(matrix)
+    matrix, eager mode, no torch.func transform of it or of ``others``), else None."""
+    if (not matrix.is_cpu or not matrix.is_contiguous() or traced(matrix, *others)
             or matrix.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
         return None
     return _kernels.channels_last()
@@ -130,13 +130,13 @@ def channel_grad_sums(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tens
     torch's cascaded sum and the blocked, buffered scheme of :func:`channel_mean_var`."""
     channels, acc = x.shape[1], mean.dtype
     rows_dy, rows_x = rows(dy), rows(x)
-    kernels = kernels_for(rows_x) if rows_dy.dtype == rows_x.dtype else None
+    kernels = kernels_for(rows_x, rows_dy, mean) if rows_dy.dtype == rows_x.dtype else None
     if kernels is not None:
         sums = kernels.grad_sums(rows_dy.contiguous(), rows_x, mean).to(acc)
         return sums[0], sums[1]
     sum_dy = rows_dy.sum(0, dtype=acc)
     block_rows = max(1, BLOCK_ELEMENTS // channels)
-    if transformed(x):
+    if transformed(dy, x, mean):
         dot = 0
         for xb, dyb in zip(rows_x.split(block_rows), rows_dy.split(block_rows)):
             dot = dot + ((xb.to(acc) - mean) * dyb).sum(0)
@@ -240,7 +240,7 @@ class _BatchNormGivenStats(torch.autograd.Function):
                 grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]),
             )
             return gx, gw, gb, None, None, None, None, None
-        kernels = kernels_for(rows(x)) if grad_out.dtype == x.dtype else None
+        kernels = kernels_for(rows(x), grad_out, weight, mean) if grad_out.dtype == x.dtype else None
         if kernels is not None:
             return (*_kernel_backward(kernels, grad_out, x, weight, mean, invstd, ctx.needs_input_grad[:3]),
                     None, None, None, None, None)
@@ -284,13 +284,14 @@ class _NormalizeWithStats(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
-def fast_kernel_ok(x: Tensor, stable_stats: bool, n: int) -> bool:
+def fast_kernel_ok(x: Tensor, stable_stats: bool, n: int, *others: Tensor | None) -> bool:
     """Whether torch's plain kernels serve: float32/float64 eager input whose statistics they
-    compute accurately (not the blocked statistics of channel-innermost CPU input)."""
+    compute accurately (not the blocked statistics of channel-innermost CPU input), with plain
+    eager ``others`` (the parameters and running statistics: a weight under torch.func.grad is
+    wrapped where the input is not)."""
     return (
         x.dtype in (torch.float32, torch.float64)
-        and not compiling()
-        and not transformed(x)
+        and not traced(x, *others)
         and not (stable_stats and channel_innermost(x) and n >= STABLE_MIN_ROWS)
     )
 
@@ -366,18 +367,19 @@ def kernel_updates_stats(x, weight, bias, running_mean, running_var, momentum, e
     statistics with torch's own momentum rule, so the numbers are torch's to the bit.
 
     Returns ``(output, batch_mean, invstd, new_mean, new_var, updated)``, or None where another
-    path must serve: under torch.func transforms (the kernel writes into its arguments), for the
-    blocked statistics of channel-innermost input, for ill-conditioned channels, and (on the
-    CPU) for a batch with non-finite statistics.
+    path must serve: under torch.func transforms of any argument (the kernel writes into its
+    arguments, and its statistics are read on the host), for the blocked statistics of
+    channel-innermost input, for ill-conditioned channels, and (on the CPU) for a batch with
+    non-finite statistics.
     """
-    if transformed(x) or blocked(x, stable_stats):
+    if transformed(x, weight, bias, running_mean, running_var) or blocked(x, stable_stats):
         return None
     acc = statistics_dtype(x.dtype)
     mean = running_mean.clone() if running_mean.dtype == acc else running_mean.to(acc)
     var = running_var.clone() if running_var.dtype == acc else running_var.to(acc)
     out, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, mean, var, True, momentum, eps)
     mean, var = cast(mean, running_mean.dtype), cast(var, running_var.dtype)
-    if x.is_cpu and not compiling():
+    if x.is_cpu and not traced(x):
         # One number answers both questions on the CPU: the largest |mean| / std is finite
         # exactly when the statistics are, and says whether the kernel lost precision.
         if not precise(save_mean, save_invstd):

@@ -184,7 +184,7 @@ def ghost_batch_norm(
     if training:
         N.check_update(momentum, num_batches_tracked if update else 0, name)
     per_sample = N.values_per_channel(input) // input.shape[0]
-    if (fast_kernel_ok(input, stable_stats, max(sizes) * per_sample)
+    if (fast_kernel_ok(input, stable_stats, max(sizes) * per_sample, weight, bias, running_mean, running_var)
             and (not update or (isinstance(momentum, float) and unbiased))):
         acc = statistics_dtype(input.dtype)
         fast = _kernel_path(input, N.cast(weight, acc), N.cast(bias, acc), running_mean, running_var,

@@ -12,7 +12,8 @@
 * the precision condition (:data:`PRECISE_CONDITION`, :func:`precise`, :func:`ill_conditioned`):
   how many standard deviations the mean farthest from zero lies from it, which decides whether
   ``x * a + b`` forms keep their precision;
-* probes for ``torch.compile`` tracing and ``torch.func`` transforms.
+* the probes for tracing (``torch.compile``, ``torch.export``) and ``torch.func`` transforms,
+  imported from :mod:`normlab._tracing`, their one home (the layers ask them too).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .. import checks as _checks
 from .. import stats as _stats
+from .._tracing import compiling, traced, transformed  # noqa: F401  (the one home: normlab._tracing)
 
 # The ``updated`` flag of the eager CPU fast paths, where the answer is known on the host; shared,
 # so treat result flags as read-only.
@@ -37,8 +39,6 @@ STABLE_MIN_ROWS = 256
 # ~5 bits to cancellation (error ~ eps * |mean| / std); normalize subtract-first then.
 PRECISE_CONDITION = 32.0
 NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
-
-_is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,21 +109,6 @@ def empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> T
     if bias is not None:
         out = out + channel_view(bias, input).to(input.dtype)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# torch.compile and torch.func
-# --------------------------------------------------------------------------------------------
-
-
-# Whether torch.compile is tracing the caller (an alias: this runs several times a call).
-compiling = torch.compiler.is_compiling
-
-
-def transformed(x: Tensor) -> bool:
-    """Whether ``x`` is wrapped by a torch.func transform (vmap, grad, ...). Never while
-    torch.compile traces (it handles the transforms itself and cannot trace the check)."""
-    return _is_functorch_wrapped is not None and not compiling() and _is_functorch_wrapped(x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def renorm_train(
     acc = statistics_dtype(input.dtype)
     w, b = N.cast(weight, acc), N.cast(bias, acc)
     n = N.values_per_channel(input)
-    if fast_kernel_ok(input, stable_stats, n) and input.device.type in ("cpu", "cuda"):
+    if (fast_kernel_ok(input, stable_stats, n, weight, bias, running_mean, running_var)
+            and input.device.type in ("cpu", "cuda")):
         # torch's statistics kernel (the passes its training kernel makes before normalizing),
         # then its inference kernel applies gamma r and gamma d + beta: torch's training cost.
         mean, var = torch.batch_norm_update_stats(input.detach(), None, None, 1.0)

@@ -119,7 +119,7 @@ def batch_norm_with_stats(
     elif renorm:
         out, mean, var, _ = renorm_train(input, running_mean, running_var, weight, bias, eps, r_max, d_max,
                                          stable_stats)
-    elif fn is not None and not _unfused(input):
+    elif fn is not None and not _unfused(input, weight, bias):
         return BatchStats(*fused_with_stats(input, weight, bias, eps, stable_stats, fn, save), n)
     else:
         out, mean, var = batch_stats_forward(input, w, b, eps, stable_stats)

@@ -481,10 +481,11 @@ def check_save(save: object, name: str) -> None:
         raise ValueError(f"{name}: save must be one of {list(SAVE_MODES)}, got {save!r}.")
 
 
-def _unfused(input: Tensor) -> bool:
-    """Where the fused function does not run: empty input, torch.func transforms and
-    torch.compile (batch norm's own path, then the activation: the same numbers, torch's memory)."""
-    return input.numel() == 0 or N.transformed(input) or N.compiling()
+def _unfused(input: Tensor, *others: Tensor | None) -> bool:
+    """Where the fused function does not run: empty input, torch.func transforms (of the input or
+    of ``others``, the parameters and running statistics) and torch.compile or torch.export
+    (batch norm's own path, then the activation: the same numbers, torch's memory)."""
+    return input.numel() == 0 or N.traced(input, *others)
 
 
 def fused_with_stats(input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, stable_stats: bool,
@@ -546,7 +547,7 @@ def batch_norm_act(
     fn = activation(act, negative_slope, alpha, name=name)
     check_save(save, name)
     N.check_input(input, name)  # before _unfused reads it
-    if mask is not None or _unfused(input):
+    if mask is not None or _unfused(input, weight, bias, running_mean, running_var):
         r = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=num_batches_tracked, unbiased=unbiased, stable_stats=stable_stats,
                        mask=mask, single_sample=single_sample, name=name)

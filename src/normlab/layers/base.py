@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import checks as _checks
 from .. import functional as NF
 from .. import stats as _stats
+from .._tracing import traced
 
 __all__ = ["BatchNormLayer", "BatchNormTemplate", "NonFiniteStatisticsWarning", "NormLayer", "RunningStatsLayer",
            "TORCH_NORM_HAS_BIAS", "bias_repr", "check_bias", "drop_bias", "name_layers", "reset_affine"]
@@ -165,11 +166,33 @@ class NormLayer:
             text = self.__dict__["_label_text"] = f"{type(self).__name__}({first}){where}"
         return text
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module of a model before compiling it. A normlab
+        # forward is Python that TorchScript cannot compile (NamedTuple results, keyword
+        # arguments, autograd Functions, host reads of the statistics), and TorchScript is
+        # deprecated; say so, and name the ways that do work, instead of a parser error deep in
+        # the layer.
+        raise TypeError(
+            f"{self._label()}: normlab layers cannot be compiled by torch.jit.script (TorchScript "
+            f"does not support their Python forward, and torch deprecates it). Use torch.export"
+            f".export(model, (x,)) (train or eval mode; torch.onnx.export(model, (x,)) for ONNX), "
+            f"torch.compile(model), or, for a TorchScript module, torch.jit.trace(model.eval(), x)."
+        )
+
     def _keep_stats_float32(self) -> None:
         for key in ("running_mean", "running_var"):
             buf = self._buffers.get(key)
             if buf is not None and _stats.statistics_dtype(buf.dtype) != buf.dtype:
                 self._buffers[key] = buf.to(_stats.statistics_dtype(buf.dtype))
+
+    def _none_buffers_last(self) -> None:
+        """Move the buffers registered as None (untracked statistics, absent affine parameters)
+        after the others. torch.export's non-strict tracer (torch 2.13) pairs a root module's
+        buffers with its graph inputs by position, counting the None entries, so a None ahead of
+        a tensor buffer (``num_batches_skipped`` of an untracked layer) failed the export with an
+        IndexError. State-dict keys keep their order: None buffers are not in it."""
+        for key in [key for key, buf in self._buffers.items() if buf is None]:
+            self._buffers[key] = self._buffers.pop(key)
 
     def _apply(self, fn, recurse=True):
         before = {k: self._buffers.get(k) for k in ("running_mean", "running_var")}
@@ -200,6 +223,13 @@ class RunningStatsLayer(NormLayer):
       would need a host read and a graph break), so the bad batch is skipped and counted like
       the others, and ``model.eval()`` raises the ``FloatingPointError`` for it, after this
       layer has left training mode. Read ``num_batches_skipped`` to check earlier.
+    * Under ``torch.func`` transforms (``grad``; ``vmap`` ensembling with ``stack_module_state``
+      and ``functional_call``) the running statistics passed in are updated as torch's layer
+      updates them, and skips are counted on the device as under ``torch.compile``. Where torch's
+      layer cannot update them (buffers the transformed function captured instead of taking
+      them in; unbatched buffers under ``vmap`` of batched input) the layer raises a
+      ``RuntimeError`` that says what works; instance norm updates captured statistics, as
+      torch's does.
     * Recompute-safe: a forward that runs inside the backward pass, as
       ``torch.utils.checkpoint`` (``use_reentrant=True`` or ``False``) recomputes it, leaves the
       running statistics and the batch count as the original forward left them, so they take
@@ -215,6 +245,13 @@ class RunningStatsLayer(NormLayer):
         self.reset_running_stats()
         reset_affine(self)
 
+    # Whether a training forward under a torch.func transform may update running statistics that
+    # the transformed function captured (module buffers not passed in through functional_call):
+    # torch's instance norm can (its kernel writes through an alias), torch's batch norm cannot
+    # (functorch refuses its in-place update of a captured buffer), and normlab's layers do as
+    # their torch counterpart does.
+    _updates_captured_stats = False
+
     def _init_options(self, on_nonfinite: NonFinitePolicy, dtype: torch.dtype | None) -> None:
         check_choice(type(self).__name__, "on_nonfinite", on_nonfinite, _NONFINITE_POLICIES)
         self.on_nonfinite = on_nonfinite
@@ -226,6 +263,7 @@ class RunningStatsLayer(NormLayer):
         self._reported_skips = 0
         self._last_train_mode = True  # the mode of the last train() call (see train)
         self._keep_stats_float32()
+        self._none_buffers_last()
 
     def _stats_device(self) -> torch.device | None:
         rm = getattr(self, "running_mean", None)
@@ -248,6 +286,10 @@ class RunningStatsLayer(NormLayer):
         compiled = torch.compiler.is_compiling()
         if _current_graph_task_id is not None and not compiled and _current_graph_task_id() != -1:
             return  # in_backward(), inline: this runs for every layer at every step
+        # Under torch.func transforms (grad, vmap) the flag has no data on the host either: as
+        # in compiled code, the count grows on the device and the report waits for eval().
+        transform = not compiled and traced(updated, running_mean)
+        compiled = compiled or transform
         # Eager CPU: the flag is on the host, reading it is free. A compiled graph cannot raise on
         # a device value without a host read and a graph break: there the batch is counted on the
         # device and the error comes at model.eval() (see train).
@@ -263,6 +305,11 @@ class RunningStatsLayer(NormLayer):
         mean, var, count = buffers["running_mean"], buffers["running_var"], buffers.get("num_batches_tracked")
         if row is not None:
             mean, var, count = mean[row], var[row], count[row]
+        skipped = buffers["num_batches_skipped"]
+        if transform:
+            self._store_transformed(mean, var, count, skipped, running_mean, running_var, num_batches_tracked,
+                                    updated)
+            return
         # Running statistics carry no gradient; detach() is cheaper than a no_grad() block.
         mean.copy_(running_mean.detach())
         var.copy_(running_var.detach())
@@ -270,11 +317,46 @@ class RunningStatsLayer(NormLayer):
             count.copy_(num_batches_tracked)
         if finite is None:
             # Count on the device (a bool adds 0 or 1); report when leaving training mode.
-            buffers["num_batches_skipped"].add_(~updated)
+            skipped.add_(~updated)
         elif not finite:  # on the host: count and warn at once
             buffers["num_batches_skipped"].add_(1)
             if self.on_nonfinite == "warn":
                 self._report_skips()
+
+    def _store_transformed(self, mean: Tensor, var: Tensor, count: Tensor | None, skipped: Tensor,
+                           new_mean: Tensor, new_var: Tensor, new_count: Tensor | None, updated: Tensor) -> None:
+        """:meth:`_store_stats`'s writes under a torch.func transform. They fail where torch's
+        layer's fail: into running statistics that the transformed function captured instead of
+        taking them in (``grad``), or unbatched ones with a batched input (``vmap``); the error
+        then says what works."""
+        alias = torch.ops.aten.alias
+        if self._updates_captured_stats:
+            # functorch lets a transform write into a captured tensor through a fresh alias only,
+            # as torch's instance-norm kernel does; a buffer passed in is written all the same.
+            mean, var = alias(mean), alias(var)
+        try:
+            mean.copy_(new_mean.detach())
+            var.copy_(new_var.detach())
+            if new_count is not None:
+                count.copy_(new_count)
+        except RuntimeError as err:
+            cause = str(err).strip().splitlines()[0]
+            raise RuntimeError(
+                f"{self._label()}: a training forward under a torch.func transform cannot update the "
+                f"running statistics in place ({cause}); torch's batch norm fails here too. Pass "
+                f"them in with the parameters, batched as the input is: torch.func.functional_call("
+                f"model, (params, buffers), x), with stack_module_state's buffers under vmap; or "
+                f"keep none: track_running_stats=False, torch.func.replace_all_batch_norm_modules_"
+                f"(model), or eval mode."
+            ) from err
+        # normlab's skip counter (torch has none, so torch-style code leaves it out of the buffers
+        # it passes in): counted where passed in, else in the module's own through an alias. Under
+        # vmap with the module's own counter it cannot count the members' batches; the guard on
+        # the statistics holds all the same.
+        try:
+            (skipped if traced(skipped) else alias(skipped)).add_(~updated)
+        except RuntimeError:
+            pass
 
     def _report_skips(self) -> None:
         """Warn (``"warn"``) or raise (``"raise"``) about the batches skipped since the last

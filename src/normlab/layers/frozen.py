@@ -86,6 +86,7 @@ class _FrozenBatchNorm(NormLayer, nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self._keep_stats_float32()
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self._none_buffers_last()
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, **kw) -> _FrozenBatchNorm:

@@ -94,6 +94,8 @@ class GroupNorm(NormLayer, nn.GroupNorm):
 class _InstanceNormMixin(RunningStatsLayer):
     """Forward and options shared by InstanceNorm1d/2d/3d."""
 
+    _updates_captured_stats = True  # as torch's instance norm (see RunningStatsLayer)
+
     def __init__(
         self,
         num_features: int,
