@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from .augment import check_augment
 from .config import (ConfigError, ExperimentConfig, arm_config, config_from_dict, config_to_dict, grid_points,
                      save_config)
 from .data import Dataset
@@ -111,6 +112,7 @@ class Trainer:
                    for point in grid_points(self.config) for arm in self.config.arms]
         for cfg in configs:
             check_model_config(cfg.model)
+            check_augment(cfg.data)
             make_optimizer(cfg.train, nn.Linear(1, 1))
             resolve_device(cfg.train.device)
             if cfg.train.batch_size % self.team.world:
