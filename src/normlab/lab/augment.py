@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, DataConfig
 
-__all__ = ["AUGMENTS", "affine_params", "augment_batch", "check_augment", "step_generator"]
+__all__ = ["AUGMENTS", "affine_params", "apply_affine", "augment_batch", "check_augment", "step_generator"]
 
 AUGMENTS = ("none", "shift", "rotate", "shift+rotate")
 _TAG = 0xA06  # keeps the augmentation's stream apart from any other use of (seed, step)
@@ -114,6 +114,15 @@ def augment_batch(x: torch.Tensor, kind: str, *, seed: int, step: int, shift: fl
         return x
     rank, world = part
     theta = affine_params(len(x) * world, kind, step_generator(seed, step), shift=shift, degrees=degrees)
-    theta = theta[rank * len(x) : (rank + 1) * len(x)].to(device=x.device, dtype=x.dtype)
+    return apply_affine(x, theta[rank * len(x) : (rank + 1) * len(x)])
+
+
+def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Images ``x`` ``(N, C, H, W)`` resampled through ``affine_grid`` matrices ``theta`` ``(N, 2, 3)``:
+    output pixel ``p`` (normalized coordinates) reads input point ``theta[:, :, :2] @ p + theta[:, :, 2]``,
+    bilinear, edges extended (``padding_mode="border"``), ``align_corners=False`` (pixel centres
+    at ``(i + 0.5) / W * 2 - 1``). So a translation ``t`` moves the image by ``-t W / 2`` pixels.
+    """
+    theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -289,7 +289,7 @@ def run_job(
         def evaluate(train_loss, train_sd, diverged=False):
             if team.main:
                 rows.append(_evaluate(model, data, probes, job, step, train_loss, train_sd, wall, diverged, measure,
-                                      eval_train=cfg.train.eval_train))
+                                      cfg.train.eval_train))
 
         def save(diverged=False):
             if team.main:
@@ -365,7 +365,7 @@ def _loss_and_accuracy(model, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple
 
 @torch.no_grad()
 def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, diverged,
-              measure: Callable[[], dict[str, float]] = dict, *, eval_train: bool = False) -> dict[str, Any]:
+              measure: Callable[[], dict[str, float]] = dict, eval_train: bool = False) -> dict[str, Any]:
     model.eval()
     test_loss, test_acc = _loss_and_accuracy(model, data.x_test, data.y_test)
     values: dict[str, float | None] = {}
