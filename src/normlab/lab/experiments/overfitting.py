@@ -134,6 +134,7 @@ class Overfitting(Experiment):
     def summarize(self, rows: list[dict[str, Any]], config: dict[str, Any]) -> Summary:
         params = config.get("params", {})
         gap_rule, drop_rule = self.rules(params)
+        margin = params.get("dropout_margin", 1.0)
         jobs = group_jobs(rows)
         levels = sorted(config.get("grid", {}).get(AXIS) or {dict(j.point).get(AXIS) for j in jobs} - {None})
         off, on = (levels[0], levels[-1]) if levels else (None, None)
@@ -155,7 +156,9 @@ class Overfitting(Experiment):
         drop_diff = ([100 * d for d in paired(f("batch", off, "test_acc"), f("batch", on, "test_acc"))]
                      if on != off else [])
         drop = drop_rule.decide(*(mean_ci(drop_diff) if drop_diff else (None,) * 3), n=len(drop_diff),
-                                note="" if on != off else "the grid has one dropout level: nothing to remove")
+                                note=(f"{-margin:g} pts is the margin of this non-inferiority test (removing dropout "
+                                      f"may cost less than {margin:g} point), not the value of no effect"
+                                      if on != off else "the grid has one dropout level: nothing to remove"))
         headline = (f"Without dropout, batch norm's train-test accuracy gap was {gap.text} smaller than no norm's "
                     f"(mean over {len(gap_diff)} seeds, 95% CI); removing dropout {on:g} from the batch-norm "
                     f"network changed its test accuracy by {drop.text}." if levels else "no jobs to summarize.")
