@@ -159,9 +159,10 @@ class Overfitting(Experiment):
                                 note=(f"{-margin:g} pts is the margin of this non-inferiority test (removing dropout "
                                       f"may cost less than {margin:g} point), not the value of no effect"
                                       if on != off else "the grid has one dropout level: nothing to remove"))
-        headline = (f"Without dropout, batch norm's train-test accuracy gap was {gap.text} smaller than no norm's "
-                    f"(mean over {len(gap_diff)} seeds, 95% CI); removing dropout {on:g} from the batch-norm "
-                    f"network changed its test accuracy by {drop.text}." if levels else "no jobs to summarize.")
+        headline = (f"Without dropout, no norm's train-test accuracy gap minus batch norm's was {gap.text} "
+                    f"(positive: batch norm overfits less; mean over {len(gap_diff)} seeds, 95% CI); removing dropout "
+                    f"{on:g} from the batch-norm network changed its test accuracy by {drop.text}."
+                    if levels else "no jobs to summarize.")
         notes = diverged_notes(jobs) + self._notes(f, jobs, off, on, params)
         return Summary.of_findings(
             self, [gap, drop], headline=headline,
