@@ -27,7 +27,8 @@ being no effect worth the name ("not supported"). Reported without a verdict: ea
 arm's gain and its accuracies.
 
 Forms: full, 2,000 steps (200 epochs of the 500 digits), 5 seeds, evaluated every 100 steps;
-quick, 800 steps, 3 seeds, every 100 steps (about 150 s of CPU on 2 cores with ``--jobs 2``).
+quick, 800 steps, 3 seeds, every 100 steps (141 s of user CPU with ``--jobs 2``; 220 s on an
+overloaded machine).
 
 >>> from normlab.lab.experiments.augmentation import Augmentation
 >>> cfg = Augmentation().quick_config()

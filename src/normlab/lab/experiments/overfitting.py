@@ -29,7 +29,7 @@ The verdict combines both (supported only if both are). Reported without a verdi
 dropout, and the plain network with dropout against batch norm without it.
 
 Forms: full, 3,000 steps (300 epochs of the 500 digits), 5 seeds, evaluated every 50 steps;
-quick, 1,500 steps, 3 seeds, every 50 steps (about 70 s of CPU on 2 cores with ``--jobs 2``).
+quick, 1,500 steps, 3 seeds, every 50 steps (about 85 s of user CPU with ``--jobs 2``).
 
 >>> from normlab.lab.experiments.overfitting import Overfitting
 >>> cfg = Overfitting().quick_config()
