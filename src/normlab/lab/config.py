@@ -76,6 +76,12 @@ class DataConfig:
     test_fraction: float = 0.2  # share of an embedded data set held out for testing
     split_seed: int = 0  # fixes the train/test split of embedded sets, the same for every run seed
     limit: int | None = None  # keep only the first `limit` training samples (None: all)
+    # Random shifts/rotations of every training batch, seeded by (seed, step) (normlab.lab.augment):
+    # "none", "shift", "rotate" or "shift+rotate"; the largest shift as a fraction of the image
+    # side, and the largest rotation in degrees.
+    augment: str = "none"
+    augment_shift: float = 0.1
+    augment_degrees: float = 15.0
 
 
 @dataclass
@@ -115,6 +121,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (a run resumes from the last one)
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     sync_bn: bool = False  # under torchrun, convert batch norms to SyncBatchNorm (statistics over the global batch)
+    # At each evaluation also measure loss and accuracy on the training split (eval mode, no
+    # augmentation; its first 10,000 samples at most): rows get train_acc, train_eval_loss, train_test_gap.
+    eval_train: bool = False
 
 
 @dataclass

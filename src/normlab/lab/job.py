@@ -6,9 +6,12 @@ initial weights, as far as the model shapes agree, and their batches), it trains
 thread, and it gives one row per evaluation::
 
     {"step", "arm", "seed", ["point",] "train_loss", "train_loss_sd", "test_loss", "test_acc",
-     "wall_time", "probes": {...}[, "diverged": true]}
+     "wall_time", "probes": {...}[, "diverged": true][, "train_eval_loss", "train_acc", "train_test_gap"]}
 
 ``point`` (the grid point, ``{axis: value}``) is there only when the experiment has a grid.
+With ``train.eval_train`` each row also has the eval-mode loss and accuracy on the training split
+(its first ``TRAIN_EVAL_LIMIT`` samples, without augmentation) and ``train_acc - test_acc``.
+With ``data.augment`` each training batch is shifted/rotated (:mod:`normlab.lab.augment`).
 ``train_loss`` is the mean loss of the steps since the last evaluation and ``train_loss_sd``
 their standard deviation (step-to-step variation); ``wall_time`` counts training seconds only.
 A job whose loss becomes NaN or infinite stops there: its last row says ``"diverged": true``.
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import augment_batch, check_augment
 from .checkpoint import load_job_checkpoint, save_job_checkpoint
 from .config import ConfigError, ExperimentConfig, arm_config, config_from_dict
 from .data import Dataset, load_dataset
@@ -289,6 +293,7 @@ def run_job(
     told of every ``n`` steps done. ``team`` is the data-parallel team (default: this process).
     """
     cfg = job.train_config()
+    check_augment(cfg.data)
     experiment = get_experiment(job.experiment)
     device = resolve_device(cfg.train.device)
     team = team or Team()
@@ -345,7 +350,8 @@ def run_job(
 
         def evaluate(train_loss, train_sd, diverged=False):
             if team.main:
-                rows.append(_evaluate(model, data, probes, job, step, train_loss, train_sd, wall, diverged, measure))
+                rows.append(_evaluate(model, data, probes, job, step, train_loss, train_sd, wall, diverged, measure,
+                                      cfg.train.eval_train))
 
         def save(diverged=False):
             if team.main:
@@ -363,7 +369,11 @@ def run_job(
                 idx = sampler.next()  # CPU indices also index tensors on an accelerator
                 if team.active:
                     idx = idx.view(team.world, -1)[team.rank]
-                loss = F.cross_entropy(trained(x_train[idx]), y_train[idx])
+                x = x_train[idx]
+                if cfg.data.augment != "none":  # drawn from (seed, step): a resumed job gets the same ones
+                    x = augment_batch(x, cfg.data.augment, seed=job.seed, step=step, shift=cfg.data.augment_shift,
+                                      degrees=cfg.data.augment_degrees, part=(team.rank, team.world))
+                loss = F.cross_entropy(trained(x), y_train[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -400,17 +410,26 @@ def run_job(
     return rows
 
 
-@torch.no_grad()
-def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, diverged,
-              measure: Callable[[], dict[str, float]] = dict) -> dict[str, Any]:
-    model.eval()
-    total_loss, correct, n = 0.0, 0, len(data.y_test)
+TRAIN_EVAL_LIMIT = 10_000  # train accuracy is measured on at most this many (the first) training samples
+
+
+def _loss_and_accuracy(model, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (as it is: call under eval mode) on a split."""
+    total_loss, correct, n = 0.0, 0, len(y_all)
     for start in range(0, n, 2000):
-        x = data.x_test[start : start + 2000]
-        y = data.y_test[start : start + 2000]
+        x = x_all[start : start + 2000]
+        y = y_all[start : start + 2000]
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(1) == y).sum())
+    return total_loss / n, correct / n
+
+
+@torch.no_grad()
+def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, diverged,
+              measure: Callable[[], dict[str, float]] = dict, eval_train: bool = False) -> dict[str, Any]:
+    model.eval()
+    test_loss, test_acc = _loss_and_accuracy(model, data.x_test, data.y_test)
     values: dict[str, float | None] = {}
     for read, _ in probes:
         values.update({key: _finite(float(v)) for key, v in read().items()})  # strict JSON: NaN becomes null
@@ -419,9 +438,14 @@ def _evaluate(model, data, probes, job: Job, step, train_loss, train_sd, wall, d
     if job.point:
         row["point"] = dict(job.point)
     row.update({
-        "train_loss": train_loss, "train_loss_sd": train_sd, "test_loss": _finite(total_loss / n),
-        "test_acc": correct / n, "wall_time": round(wall, 6), "probes": values,
+        "train_loss": train_loss, "train_loss_sd": train_sd, "test_loss": _finite(test_loss),
+        "test_acc": test_acc, "wall_time": round(wall, 6), "probes": values,
     })
+    if eval_train:  # after the probes, which read the test pass; the same eval-mode network, no augmentation
+        train_loss_eval, train_acc = _loss_and_accuracy(model, data.x_train[:TRAIN_EVAL_LIMIT],
+                                                        data.y_train[:TRAIN_EVAL_LIMIT])
+        row.update({"train_eval_loss": _finite(train_loss_eval), "train_acc": train_acc,
+                    "train_test_gap": train_acc - test_acc})
     if diverged:
         row["diverged"] = True
     return row

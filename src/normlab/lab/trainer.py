@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .augment import check_augment
 from .checkpoint import load_job_checkpoint
 from .config import (ConfigError, ExperimentConfig, arm_config, check_values, config_from_dict, config_to_dict,
                      grid_points, save_config)
@@ -125,6 +126,7 @@ class Trainer:
             check_values(cfg)
             self.experiment.check_params(cfg.params)
             check_model_config(cfg.model)
+            check_augment(cfg.data)
             check_optimizer(cfg)
             resolve_device(cfg.train.device)
             if cfg.train.batch_size % self.team.world:
