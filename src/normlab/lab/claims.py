@@ -54,7 +54,9 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           "Li et al. 2019: DenseNet CIFAR-100 77.42% without dropout vs 68.55% with dropout 0.5"),
     Claim("C15", "batch norm makes weight decay easier to use",
           "van Laarhoven 2017: with BN, L2 acts on the effective learning rate"),
-    Claim("C16", "batch norm helps the network learn from augmented data", ""),
+    Claim("C16", "batch norm helps the network learn from augmented data",
+          "Ioffe & Szegedy 2015 (Sec. 4.2.1): BN-Inception was trained with fewer photometric distortions, "
+          "since it sees each example fewer times"),
     # Extensions: questions the text's claims leave out, each with an experiment (CLAIMS.md,
     # "Experiments that challenge or extend the claims"); ids X1, X2, ... after the claims.
     Claim("X1", "(extension) training only batch norm's gamma and beta, every other weight frozen at its random "
