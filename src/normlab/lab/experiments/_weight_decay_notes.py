@@ -7,11 +7,11 @@ import math
 from statistics import fmean
 from typing import Any, Mapping
 
-from ..rows import JobId, diverged, final
+from ..rows import JobId, diverged, final, value
 from ..verdicts import Finding
 from .common import fmt_value
 
-__all__ = ["interpretation", "mechanism_values"]
+__all__ = ["curve_text", "interpretation", "mechanism_values"]
 
 KEYS = ("weight_norm", "eff_lr", "head_weight_norm")
 
@@ -32,6 +32,24 @@ def mechanism_values(jobs: Mapping[JobId, list[dict[str, Any]]], axis: str) -> d
                 if key == "eff_lr":
                     entry["eff_lr_by_seed"][job.seed] = v
     return out
+
+
+def curve_text(jobs: Mapping[JobId, list[dict[str, Any]]], axis: str, decay: float, key: str, title: str) -> str:
+    """What a "curve" figure of ``key`` at ``decay`` shows: per arm with values, the mean over
+    seeds at the first and at the last evaluation (and runs that diverged)."""
+    parts = []
+    for arm in ("none", "batch"):
+        runs = [rs for job, rs in jobs.items() if job.arm == arm and dict(job.point).get(axis) == decay]
+        starts = [v for rs in runs if (v := next((value(r, key) for r in rs if value(r, key) is not None), None))
+                  is not None]
+        ends = [v for rs in runs if not diverged(rs) and (v := final(rs, key)) is not None]
+        if starts and ends:
+            parts.append(f"{arm!r} from {fmean(starts):.3g} at the start to {fmean(ends):.3g} at the end"
+                         + (f" ({sum(diverged(rs) for rs in runs)} of {len(runs)} runs diverged)"
+                            if any(diverged(rs) for rs in runs) else ""))
+    if not parts:
+        return ""
+    return f"Figure \"{title}\" (mean over seeds): " + "; ".join(parts) + "."
 
 
 def _series(mech, arm: str, key: str, grid) -> str:

@@ -57,9 +57,9 @@ from ..intervals import geometric_mean_ci, mean_ci
 from ..rows import group_jobs
 from ..verdicts import Rule, combine
 from .base import Experiment, FigureSpec, Summary
-from .common import axis_widths, censor_notes, curve_note, fmt_value, log_grid
+from .common import axis_widths, censor_notes, fmt_value, log_grid
 from .registry import register
-from ._weight_decay_notes import interpretation, mechanism_values
+from ._weight_decay_notes import curve_text, interpretation, mechanism_values
 
 __all__ = ["WeightDecay", "weight_norms"]
 
@@ -251,8 +251,9 @@ class WeightDecay(Experiment):
 
         notes.extend(ax.figure_note(arm, f"Figure \"{self.figures[0].title}\"") for arm in arms)
         notes.extend(interpretation(ax, mech, width, lr_finding, decay, steps, self.figures))
-        notes.extend(curve_note(rows, AXIS, dict(spec.where)[AXIS], spec.title, key=spec.metric)
-                     for spec in self.figures if spec.kind == "curve")
+        jobs = group_jobs(rows)
+        notes.extend(text for spec in self.figures if spec.kind == "curve"
+                     if (text := curve_text(jobs, AXIS, dict(spec.where)[AXIS], spec.metric, spec.title)))
         if ax.threshold is not None:
             notes.insert(0, f"A weight decay trains when its final test accuracy reaches {ax.threshold:.3f} "
                             f"({frac:.0%} of the best mean final accuracy, {ax.best_mean:.3f}).")
