@@ -145,7 +145,11 @@ def test_block_dropout_costing_accuracy_with_a_variance_shift_is_supported():
     assert shift.verdict == "supported" and shift.estimate == pytest.approx(1.56, abs=0.02)
     assert summary.verdict == "supported" and summary.met
     assert "in every block): 3.00 pts [" in summary.headline and "at the head: 1.57x [" in summary.headline
-    assert any(n.startswith("Both parts agree with Li et al.") for n in summary.notes)
+    # No recalibration gain in these rows (recovered=0): the shift does not explain the gap.
+    assert any(n.startswith("Both parts hold, as the rules ask, but the recalibration check separates them")
+               for n in summary.notes)
+    explained = summarize(*scenario((3.0, 2.5, 3.5), (1.6, 1.5, 1.7)), recovered=2.5)
+    assert any(n.startswith("Both parts agree with Li et al.") for n in explained.notes)
     profile = next(n for n in summary.notes if n.startswith('Figure "Variance shift per batch norm'))
     assert "bn-block: layer 1 1.000, layer 2 1.600" in profile and "the running variance is the larger, as dropout" in profile and "floor" in profile
     # The gap at the other rate is reported, without a rule.

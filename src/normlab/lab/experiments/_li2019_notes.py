@@ -71,7 +71,8 @@ def interpretation(acc: Finding, shift: Finding, gaps: dict, recovered: tuple[fl
                       if abs(bn[0] - none[0]) < max(0.5, abs(bn[0]) / 3) else
                       "Batch norm widens the gap beyond what the amount of dropout alone gives, as the variance "
                       "shift predicts." if bn[0] > none[0] else
-                      "Batch norm narrows the gap: with it, dropout in every block costs less than without it."))
+                      "Batch norm narrows the gap: with it, dropout in every block costs less than without it, so in "
+                      "this sense batch norm works well with dropout even in the order Li et al. warn against."))
     if recovered is not None and bn is not None:
         text = (f"Li et al.'s check: recomputing the batch norms' statistics with dropout off changes the accuracy of "
                 f"dropout in every block by {recovered[0]:+.2f} points [{recovered[1]:+.2f}, {recovered[2]:+.2f}] at "
@@ -98,10 +99,17 @@ def interpretation(acc: Finding, shift: Finding, gaps: dict, recovered: tuple[fl
                    f"the batch norms, less than expected: the weight layer between the dropout and the next batch "
                    f"norm mixes 100 dropped units, which averages much of dropout's extra variance away (Li et al., "
                    f"Sec. 3.3, find the shift smaller when a weight layer sits between, in wide layers).")
+    shift_explains = recovered is not None and recovered[1] > 0 and bn is not None and recovered[0] >= 0.5 * bn[0]
     if acc.verdict == "supported" and shift.verdict == "supported":
-        out.append("Both parts agree with Li et al.: the order dropout -> batch norm shifts the variance and costs "
-                   "accuracy; dropout after the last batch norm avoids both (how much of the cost is the shift "
-                   "itself: see the recalibration check above).")
+        if recovered is None or shift_explains:
+            out.append("Both parts agree with Li et al.: the order dropout -> batch norm shifts the variance and costs "
+                       "accuracy; dropout after the last batch norm avoids both.")
+        else:
+            out.append("Both parts hold, as the rules ask, but the recalibration check separates them: statistics "
+                       "recomputed without dropout recover little or none of the gap, so here the accuracy that dropout "
+                       "in every block costs comes from training with more dropout, not from the variance shift at "
+                       "test time. In Li et al.'s reading the shift causes the loss; in this network the shift is real "
+                       "(see the profile figure) but nearly harmless.")
     if acc.verdict == "not supported" and acc.high is not None and acc.high < 0:
         out.append(f"Dropout in every block did better than dropout at the head after {steps} steps: its stronger "
                    f"regularization helps a small training set more than its variance shift hurts.")
