@@ -43,6 +43,15 @@ def test_weight_norms_match_torch_and_give_effective_rates_only_where_a_norm_fol
     assert "eff_lr" not in plain_values and "eff_lr_1" not in plain_values and "weight_norm_2" in plain_values
 
 
+def test_no_effective_rate_where_eps_dominates_the_normalized_variance():
+    net = build_model(ModelConfig(widths=[6, 5], norm="batch", activation="relu"), (4,), 3)
+    with torch.no_grad():
+        net.blocks[1].norm.running_var.fill_(50 * net.blocks[1].norm.eps)  # collapsed weights: var + eps ~ eps
+    values = weight_norms(net, LR)
+    assert "eff_lr_1" in values and "eff_lr_2" not in values and values["eff_lr"] == values["eff_lr_1"]
+    assert "weight_norm_2" in values
+
+
 def test_a_batch_norm_layer_is_scale_invariant_so_its_effective_rate_is_lr_over_norm_squared():
     """van Laarhoven's premise, checked: scaling a weight followed by BN by c leaves the output as
     it is and divides its gradient by c, so an SGD step moves w / ||w|| as with lr / c^2."""

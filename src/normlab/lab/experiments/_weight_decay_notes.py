@@ -79,17 +79,28 @@ def interpretation(ax, mech, width: Finding, lr: Finding, decay: float, steps: i
         out.append(f"Contrary to van Laarhoven's mechanism, the effective learning rate at decay {fmt_value(decay)} "
                    f"is not larger than at the smallest decay ({lr.text}): in {steps} steps the gradient, which "
                    f"grows a scale-invariant weight at every step, outweighs the decay's shrinking.")
-    if width.verdict in ("mixed", "not supported") and "batch" in ax.ranges and "none" in ax.ranges:
+    if width.verdict in ("mixed", "not supported", "inconclusive") and "batch" in ax.ranges and "none" in ax.ranges:
         highs = {arm: [r.high for r in ax.ranges[arm].values() if r.high is not None] for arm in ("batch", "none")}
         edge = ""
         if highs["batch"] and highs["none"]:
             ratio = 10 ** (fmean(math.log10(h) for h in highs["batch"]) - fmean(math.log10(h) for h in highs["none"]))
             edge = f" (batch norm's largest decay that trains is {ratio:.3g}x the plain network's, geometric mean)"
-        out.append("Batch norm does not widen the range of usable decays as much as the claim expects" + edge + ". "
-                   "Possible reasons: the decay also shrinks batch norm's scale and shift and the output layer, which "
-                   "no norm follows, so a large decay limits what a batch-norm network can express too (van "
-                   "Laarhoven's argument covers only the layers followed by a norm); and at a small decay neither "
-                   "network's weights move far from their initial scale within the run, so both train alike there.")
+        lead = ("The seeds do not settle whether batch norm widens the range of usable decays" if
+                width.verdict == "inconclusive" else
+                "Batch norm does not widen the range of usable decays as much as the claim expects")
+        out.append(lead + edge + ". Possible reasons: the decay also shrinks batch norm's scale and shift and the "
+                   "output layer, which no norm follows, so a large decay limits what a batch-norm network can express "
+                   "too (van Laarhoven's argument covers only the layers followed by a norm); and at a small decay "
+                   "neither network's weights move far from their initial scale within the run, so both train alike "
+                   "there.")
+    collapsed = [x for x in ax.grid
+                 if all((v := mech.get((arm, x), {}).get("head_weight_norm")) and fmean(v) < 1e-3 for arm in ("none", "batch"))]
+    if collapsed:
+        out.append(f"At decay {', '.join(fmt_value(x) for x in collapsed)} every weight of both networks, the output "
+                   f"layer's included, decays to nearly zero within the run (output layer's norm below 1e-3), and "
+                   f"both end at chance: batch norm does not protect the layers no norm follows. There the normalized "
+                   f"layers' variance falls below batch norm's eps, so they are no longer scale-invariant and no "
+                   f"effective learning rate is recorded.")
     if width.verdict == "supported":
         out.append("As claimed, batch norm trains over a wider range of decays: its normalized layers turn decay into "
                    "a larger effective learning rate instead of a smaller network.")

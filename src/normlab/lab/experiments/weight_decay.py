@@ -80,6 +80,11 @@ def weight_norms(model: nn.Module, lr: float) -> dict[str, float]:
     excluded) and, for a block with a norm after its weight layer, ``eff_lr_{i}`` = ``lr / ||W_i||^2``;
     ``weight_norm`` and ``eff_lr``: their means over blocks; ``head_weight_norm``: the output layer's.
 
+    The layer is scale-invariant, and ``lr / ||W||^2`` its effective rate, only while the variance
+    it normalizes dwarfs the norm's ``eps`` (``var + eps`` ~ ``var``): ``eff_lr_{i}`` is left out
+    when the norm's mean running variance is below ``100 * eps`` (e.g. weights a large decay has
+    collapsed to ~1e-12, where ``eps`` sets the scale and the ratio would read 1e20).
+
     >>> import torch
     >>> from normlab.lab.config import ModelConfig
     >>> from normlab.lab.models import build_model
@@ -96,7 +101,10 @@ def weight_norms(model: nn.Module, lr: float) -> dict[str, float]:
         w = float(block.layer.weight.detach().double().norm())
         out[f"weight_norm_{i}"] = w
         norms.append(w)
-        if getattr(block, "norm", None) is not None and w > 0:
+        norm = getattr(block, "norm", None)
+        running = getattr(norm, "running_var", None)
+        invariant = running is None or float(running.double().mean()) > 100 * float(getattr(norm, "eps", 0.0))
+        if norm is not None and w > 0 and invariant:
             out[f"eff_lr_{i}"] = lr / w ** 2
             rates.append(out[f"eff_lr_{i}"])
     if norms:
