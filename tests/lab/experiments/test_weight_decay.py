@@ -125,7 +125,7 @@ def test_wider_range_and_a_larger_effective_rate_with_batch_norm_are_supported()
     assert "1.00 decades" in summary.headline and "4.93x [" in summary.headline
     assert any(n.startswith("As claimed, batch norm trains over a wider range") for n in summary.notes)
     # Step 0 has no effective rate in these rows: the curve's first value is the final one, 0.01 * gain.
-    assert ('Figure "Effective learning rate during training, weight decay 0.01 (batch norm)" (mean over seeds): '
+    assert ('Figure "Effective learning rate during training, decay 0.01 (batch norm)" (mean over seeds): '
             "'batch' from 0.05 at the start to 0.05 at the end.") in summary.notes
     assert not any(n.startswith('Figure "Effective learning rate during training') and "'none'" in n
                    for n in summary.notes)
