@@ -245,3 +245,102 @@ def test_batch_act_with_an_activation_it_cannot_fuse_is_refused():
     with pytest.raises(ConfigError, match=r"model.norm='batch_act' computes the block's activation itself, which must "
                                           r"be one of \['elu', 'leaky_relu', 'relu', 'silu'\]; got model.activation='sigmoid'"):
         build_model(ModelConfig(widths=[4], norm="batch_act", activation="sigmoid"), (6,), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.dropout_position (issue 14: Li et al. 2019's dropout / batch-norm orders)
+
+
+def _names(module):
+    return [type(m).__name__ for m in module]
+
+
+@pytest.mark.parametrize("placement, position, expected", [
+    ("before", "block", ["Linear", "BatchNorm1d", "ReLU", "Dropout"]),
+    ("before", "before_norm", ["Linear", "Dropout", "BatchNorm1d", "ReLU"]),
+    ("before", "head", ["Linear", "BatchNorm1d", "ReLU"]),
+    ("after", "block", ["Linear", "ReLU", "BatchNorm1d", "Dropout"]),
+    ("after", "before_norm", ["Linear", "ReLU", "Dropout", "BatchNorm1d"]),
+    ("after", "head", ["Linear", "ReLU", "BatchNorm1d"]),
+])
+def test_dropout_position_module_order(placement, position, expected):
+    model = build_model(ModelConfig(widths=[6, 5], norm="batch", activation="relu", placement=placement, dropout=0.3,
+                                    dropout_position=position), (1, 3, 3), 4)
+    assert [_names(b) for b in model.blocks] == [expected, expected]
+    tail = _names(model)[-2:]
+    assert tail == (["Dropout", "Linear"] if position == "head" else ["Block", "Linear"])
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == (1 if position == "head" else 2)
+    assert all(m.p == 0.3 for m in model.modules() if isinstance(m, nn.Dropout))
+    if placement == "before":  # the activation's input: the norm's output, wherever the dropout is
+        assert isinstance(model.blocks[0].pre_activation, normlab.BatchNorm1d)
+
+
+def test_dropout_position_head_in_a_cnn_goes_after_pooling_before_the_output_layer():
+    model = build_model(ModelConfig(kind="cnn", widths=[4, 8], norm="batch", activation="relu", dropout=0.5,
+                                    dropout_position="head"), (1, 8, 8), 3)
+    assert _names(model)[-4:] == ["AdaptiveAvgPool2d", "Flatten", "Dropout", "Linear"]
+    assert _names(model.blocks[1]) == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_dropout_position_without_a_norm_sits_at_the_norms_place():
+    model = build_model(ModelConfig(widths=[5], activation="relu", dropout=0.2, dropout_position="before_norm"), (4,), 2)
+    assert _names(model.blocks[0]) == ["Linear", "Dropout", "ReLU"]
+
+
+def test_dropout_position_default_is_block_and_builds_what_it_built_before():
+    assert ModelConfig().dropout_position == "block"
+    torch.manual_seed(0)
+    default = build_model(ModelConfig(widths=[6, 5], norm="batch", dropout=0.2), (4,), 3)
+    torch.manual_seed(0)
+    explicit = build_model(ModelConfig(widths=[6, 5], norm="batch", dropout=0.2, dropout_position="block"), (4,), 3)
+    assert _names(default) == _names(explicit) == ["Flatten", "Block", "Block", "Linear"]
+    assert _names(default.blocks[0]) == ["Linear", "BatchNorm1d", "Sigmoid", "Dropout"]
+    torch.testing.assert_close(default.state_dict(), explicit.state_dict())
+
+
+@pytest.mark.parametrize("kind, shape", [("mlp", (1, 4, 4)), ("cnn", (1, 6, 6))])
+def test_dropout_positions_give_the_same_network_in_eval_mode(kind, shape):
+    """Dropout draws no weights: a seed gives every position the same weights, and in eval mode
+    (dropout off) the same outputs; so do a rate of 0 and no dropout at all."""
+    x = torch.randn(5, *shape)
+    outputs = []
+    for position, rate in (("block", 0.0), ("block", 0.5), ("before_norm", 0.5), ("head", 0.5)):
+        torch.manual_seed(1)
+        model = build_model(ModelConfig(kind=kind, widths=[4, 4], norm="batch", activation="relu", dropout=rate,
+                                        dropout_position=position), shape, 3)
+        model.train()
+        model(torch.randn(8, *shape))  # one training pass moves the running statistics off their init
+        model.eval()
+        for block in model.blocks:
+            block.norm.running_mean.zero_()
+            block.norm.running_var.fill_(1.0)
+        outputs.append(model(x))
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0])
+
+
+def test_head_dropout_leaves_every_batch_norm_its_no_dropout_statistics():
+    """With dropout at the head no norm sees dropped values: a training pass updates the running
+    statistics exactly as without dropout; with dropout in every block the second norm's differ."""
+    x = torch.randn(64, 10)
+    stats = {}
+    for position, rate in (("block", 0.0), ("head", 0.5), ("block", 0.5)):
+        torch.manual_seed(2)
+        model = build_model(ModelConfig(widths=[8, 8], norm="batch", activation="relu", dropout=rate,
+                                        dropout_position=position), (10,), 3)
+        model.train()
+        model(x)
+        stats[(position, rate)] = [b.norm.running_var.clone() for b in model.blocks]
+    for ref, head in zip(stats[("block", 0.0)], stats[("head", 0.5)]):
+        torch.testing.assert_close(head, ref)
+    torch.testing.assert_close(stats[("block", 0.5)][0], stats[("block", 0.0)][0])  # nothing dropped before norm 1
+    assert not torch.allclose(stats[("block", 0.5)][1], stats[("block", 0.0)][1])
+
+
+def test_bad_dropout_position_is_refused_naming_the_field_and_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"model.dropout_position must be one of \['block', 'before_norm', 'head'\] "
+                                          r".*got 'middle'"):
+        build_model(ModelConfig(dropout_position="middle"), (1, 4, 4), 3)
+    with pytest.raises(ConfigError, match=r"model.kind 'lstm' does not use model.dropout_position='head'"):
+        build_model(lstm_config(dropout_position="head"), (1, 4, 4), 3)

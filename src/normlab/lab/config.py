@@ -92,6 +92,7 @@ class ModelConfig:
     norm: str = "none"  # a normlab.get_norm name, or "none"; arms usually set this
     placement: str = "before"  # norm "before" the activation (Ioffe & Szegedy) or "after" it
     dropout: float = 0.0  # dropout probability after each hidden block
+    dropout_position: str = "block"  # where dropout goes: "block" (end of every block), "before_norm" (right before every norm), "head" (once, before the output layer)
     init_std: float | None = None  # std of a Gaussian weight init with zero biases; None: torch's default
     init_gain: float | None = None  # Gaussian init with std = gain / sqrt(fan_in), zero biases (He: 2**0.5); overrides init_std
     # kind "lstm" only (checked by models.check_model_config): how an image (C, H, W) becomes a

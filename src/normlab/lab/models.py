@@ -31,11 +31,16 @@ from ..layers.registry import get_norm, norm_names
 from .config import ConfigError, ModelConfig
 from .noise import StepNoise
 
-__all__ = ["ACTIVATIONS", "LSTM_NORMS", "SEQUENCES", "Block", "SequenceClassifier", "build_model",
+__all__ = ["ACTIVATIONS", "DROPOUT_POSITIONS", "LSTM_NORMS", "SEQUENCES", "Block", "SequenceClassifier", "build_model",
            "check_model_config"]
 
 LSTM_NORMS = ("none", "batch", "layer")  # model.kind "lstm": nn.LSTM, BNLSTM, LNLSTM
 SEQUENCES = ("rows", "permuted")  # model.sequence (kind "lstm")
+# model.dropout_position: "block" puts dropout at the end of every hidden block, so it feeds the
+# next block's norm (Li et al. 2019's "dropout then BN" order, with the weight layer between);
+# "before_norm" right before every block's norm; "head" once, after the last block (after every
+# norm), before the output layer (Li et al.'s remedy).
+DROPOUT_POSITIONS = ("block", "before_norm", "head")
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -51,20 +56,38 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 class Block(nn.Sequential):
     """``weight layer -> [norm] -> activation -> [dropout]`` (or norm after the activation).
 
-    With ``model.norm="batch_act"`` before the activation, the norm (a ``BatchNormAct``) computes
-    the activation and ``act`` is an ``nn.Identity``: ``pre_activation`` is then the fused norm,
-    whose output is already activated.
+    ``dropout_position`` (``model.dropout_position``) places the ``nn.Dropout(dropout)``:
+
+    * ``"block"`` (default): last, after the activation (and after a norm placed after it);
+    * ``"before_norm"``: right before the norm, so the norm normalizes dropped-out values
+      (``layer -> dropout -> norm -> act``, or ``layer -> act -> dropout -> norm`` with
+      ``placement="after"``); without a norm, at the norm's place;
+    * ``"head"``: nowhere in the block (:func:`build_model` puts one dropout before the output
+      layer instead).
+
+    A rate of 0 adds no dropout module. With ``model.norm="batch_act"`` before the activation,
+    the norm (a ``BatchNormAct``) computes the activation and ``act`` is an ``nn.Identity``:
+    ``pre_activation`` is then the fused norm, whose output is already activated.
+
+    >>> block = Block(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), "before", 0.5, "before_norm")
+    >>> [name for name, _ in block.named_children()], type(block.pre_activation).__name__
+    (['layer', 'dropout', 'norm', 'act'], 'BatchNorm1d')
     """
 
-    def __init__(self, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: str, dropout: float):
+    def __init__(self, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: str, dropout: float,
+                 dropout_position: str = "block"):
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(f"Block: dropout_position must be one of {list(DROPOUT_POSITIONS)}, got "
+                             f"{dropout_position!r}.")
+        drop = [("dropout", nn.Dropout(dropout))] if dropout > 0 and dropout_position != "head" else []
+        early = drop if dropout_position == "before_norm" else []
         parts: list[tuple[str, nn.Module]] = [("layer", layer)]
-        if norm is not None and placement == "before":
-            parts.append(("norm", norm))
-        parts.append(("act", act))
-        if norm is not None and placement == "after":
-            parts.append(("norm", norm))
-        if dropout > 0:
-            parts.append(("dropout", nn.Dropout(dropout)))
+        if placement == "before":
+            parts += early + ([("norm", norm)] if norm is not None else []) + [("act", act)]
+        else:
+            parts += [("act", act)] + early + ([("norm", norm)] if norm is not None else [])
+        if dropout_position == "block":
+            parts += drop
         super().__init__(OrderedDict(parts))
 
     @property
@@ -98,6 +121,10 @@ def check_model_config(config: ModelConfig) -> None:
         raise ConfigError(f"model.widths must be a non-empty list of positive ints, got {config.widths!r}.")
     if not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"model.dropout must lie in [0, 1), got {config.dropout!r}.")
+    if config.dropout_position not in DROPOUT_POSITIONS:
+        raise ConfigError(f"model.dropout_position must be one of {list(DROPOUT_POSITIONS)} (end of every block, "
+                          f"right before every norm, or once before the output layer), got "
+                          f"{config.dropout_position!r}.")
     if config.init_std is not None and config.init_std <= 0:
         raise ConfigError(f"model.init_std must be > 0 or none (torch's default init), got {config.init_std!r}.")
     if config.init_gain is not None and config.init_gain <= 0:
@@ -130,11 +157,12 @@ def _check_lstm_config(config: ModelConfig) -> None:
                           f"model.activation to 'tanh', got {config.activation!r}.")
     unused = [f"{key}={value!r}" for key, value, default in (
         ("placement", config.placement, "before"), ("dropout", config.dropout, 0.0),
-        ("init_std", config.init_std, None), ("init_gain", config.init_gain, None)) if value != default]
+        ("dropout_position", config.dropout_position, "block"), ("init_std", config.init_std, None), ("init_gain", config.init_gain, None)) if value != default]
     if unused:
         raise ConfigError(f"model.kind 'lstm' does not use {', '.join('model.' + u for u in unused)} (its "
                           f"initialization is Cooijmans et al.'s, it has no dropout or placement); leave them at "
-                          f"their defaults (placement 'before', dropout 0.0, init_std and init_gain none).")
+                          f"their defaults (placement 'before', dropout 0.0, dropout_position 'block', init_std and "
+                          f"init_gain none).")
     if config.sequence not in SEQUENCES:
         raise ConfigError(f"model.sequence must be one of {list(SEQUENCES)}, got {config.sequence!r}.")
     if isinstance(config.permute_seed, bool) or not isinstance(config.permute_seed, int) or config.permute_seed < 0:
@@ -194,8 +222,9 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         num_classes: the output width.
 
     Returns:
-        ``nn.Sequential`` of ``Flatten`` (MLP), the hidden :class:`Block` s, pooling (CNN) and
-        the output layer; ``model.blocks`` lists the blocks. For ``kind="lstm"`` a
+        ``nn.Sequential`` of ``Flatten`` (MLP), the hidden :class:`Block` s, pooling (CNN),
+        ``nn.Dropout`` (only with ``dropout_position="head"`` and a rate above 0) and the output
+        layer; ``model.blocks`` lists the blocks. For ``kind="lstm"`` a
         :class:`SequenceClassifier` (``model.blocks == []``).
 
     Raises:
@@ -206,6 +235,7 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
     if config.kind == "lstm":
         return SequenceClassifier(config, input_shape, num_classes)
     act = ACTIVATIONS[config.activation]
+    position = config.dropout_position
     blocks: list[Block] = []
     if config.kind == "mlp":
         width = 1
@@ -214,7 +244,7 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         head: list[nn.Module] = [nn.Flatten()]
         for hidden in config.widths:
             blocks.append(Block(nn.Linear(width, hidden), _norm(config, hidden, 0), _act(config, act), config.placement,
-                                config.dropout))
+                                config.dropout, position))
             width = hidden
         tail: list[nn.Module] = [nn.Linear(width, num_classes)]
     else:
@@ -222,9 +252,12 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         head = []
         for i, hidden in enumerate(config.widths):
             conv = nn.Conv2d(channels, hidden, 3, stride=1 if i == 0 else 2, padding=1)
-            blocks.append(Block(conv, _norm(config, hidden, 2), _act(config, act), config.placement, config.dropout))
+            blocks.append(Block(conv, _norm(config, hidden, 2), _act(config, act), config.placement, config.dropout,
+                                position))
             channels = hidden
         tail = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    if position == "head" and config.dropout > 0:
+        tail.insert(len(tail) - 1, nn.Dropout(config.dropout))  # after every norm: no norm sees dropped values
     model = nn.Sequential(*head, *blocks, *tail)
     model.blocks = blocks  # type: ignore[attr-defined]
     if config.init_std is not None or config.init_gain is not None:
