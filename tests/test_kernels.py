@@ -221,3 +221,24 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     x = _input("channels_last", 5.0)
     mean, var = NF.channel_mean_var(x)  # the torch-op path serves
     np.testing.assert_allclose(var.double().numpy(), _moments64(x)[1], rtol=1e-5)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch, caplog):
+    """torch waits forever for the lock of a build that was killed: normlab removes a stale one
+    (and only a stale one: a live build's lock is younger)."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("normlab_probe", verbose=False), "lock")
+    open(lock, "w").close()
+    assert not kernels._clear_stale_lock("normlab_probe") and os.path.exists(lock)  # a live build's
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="normlab.kernels"):
+        assert kernels._clear_stale_lock("normlab_probe")
+    assert not os.path.exists(lock)
+    assert "removed the compiled kernel's build lock" in caplog.text and "interrupted build" in caplog.text
+    assert not kernels._clear_stale_lock("normlab_probe")  # no lock: nothing to do

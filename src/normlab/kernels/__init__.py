@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -67,6 +68,7 @@ def _load() -> ModuleType | None:
         # last-resort handler prints it on stderr when the application configured no logging):
         # whoever waits a minute sees why.
         name = f"normlab_channels_last_{tag}"
+        _clear_stale_lock(name)
         if _needs_build(name):
             _log.warning("normlab: compiling its channels_last CPU kernel, once (about a minute)...")
         return cpp_extension.load(
@@ -97,6 +99,36 @@ def _needs_build(name: str) -> bool:
         return not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
     except Exception:  # noqa: BLE001 - when unsure, say that it may take a minute
         return True
+
+
+# A build takes about a minute (up to ten on two busy cores); a lock older than this was left
+# by a build that was killed (Ctrl-C, a timeout), and torch would wait for it forever.
+STALE_LOCK_SECONDS = 20 * 60
+
+
+def _clear_stale_lock(name: str) -> bool:
+    """Remove the extension's build lock when a killed build left it behind; True if removed.
+
+    torch's loader creates ``<build dir>/lock`` while it builds or checks the extension and
+    every other process waits, without a timeout, until the file is gone: one interrupted build
+    would hang every later process. A lock untouched for :data:`STALE_LOCK_SECONDS` is stale.
+    """
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, ImportError):
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    try:
+        lock.unlink()
+    except OSError:
+        return False
+    _log.warning("normlab: removed the compiled kernel's build lock %s, left %.0f minutes ago by an interrupted "
+                 "build", lock, age / 60)
+    return True
 
 
 def _ensure_ninja_on_path() -> None:

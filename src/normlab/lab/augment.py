@@ -35,9 +35,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, DataConfig
+from .corruptions import warp
 
 __all__ = ["AUGMENTS", "affine_params", "apply_affine", "augment_batch", "check_augment", "step_generator"]
 
@@ -123,6 +123,4 @@ def apply_affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     bilinear, edges extended (``padding_mode="border"``), ``align_corners=False`` (pixel centres
     at ``(i + 0.5) / W * 2 - 1``). So a translation ``t`` moves the image by ``-t W / 2`` pixels.
     """
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return warp(x, theta, padding="border")

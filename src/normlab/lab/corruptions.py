@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "rotate", "translate"]
+__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "rotate", "translate", "warp"]
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -56,6 +56,19 @@ _CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)
 _BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)
 _SHIFT = (0.05, 0.1, 0.15, 0.2, 0.25)  # x H pixels
 _ROTATION = (10.0, 20.0, 30.0, 40.0, 50.0)  # degrees
+
+
+def warp(x: Tensor, theta: Tensor, padding: str = "zeros") -> Tensor:
+    """Images ``x`` ``(N, C, H, W)`` resampled through ``affine_grid`` matrices ``theta`` ``(N, 2, 3)``:
+    output pixel ``p`` (normalized coordinates, ``align_corners=False``: pixel centres at
+    ``(i + 0.5) / W * 2 - 1``) reads input point ``theta[:, :, :2] @ p + theta[:, :, 2]``, bilinear;
+    what comes in from outside is ``padding``: ``"zeros"`` or ``"border"`` (edges extended).
+    The one resampler of the lab's shifts and rotations (corruptions here, augmentation in
+    :mod:`normlab.lab.augment`).
+    """
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def translate(x: Tensor, offsets: Tensor) -> Tensor:
@@ -75,8 +88,7 @@ def translate(x: Tensor, offsets: Tensor) -> Tensor:
     # pixels samples from dx pixels to the left.
     theta[:, 0, 2] = -offsets[:, 0].to(x.dtype) * 2 / w
     theta[:, 1, 2] = -offsets[:, 1].to(x.dtype) * 2 / h
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warp(x, theta)
 
 
 def rotate(x: Tensor, degrees: Tensor) -> Tensor:
@@ -97,8 +109,7 @@ def rotate(x: Tensor, degrees: Tensor) -> Tensor:
     # rotation rigid in pixels for non-square images.
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
     theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warp(x, theta)
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
