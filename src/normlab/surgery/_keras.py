@@ -193,7 +193,7 @@ def batchnorm_from_keras(
     >>> import numpy as np, torch
     >>> bn = batchnorm_from_keras(np.ones(2), np.zeros(2), np.array([1.0, 2.0]), np.array([4.0, 9.0]), dim=1)
     >>> bn.momentum, bn.eps, bn.unbiased
-    (0.010000000000000009, 0.001, False)
+    (0.01, 0.001, False)
     >>> bn(torch.tensor([[3.0, 5.0]]))
     tensor([[0.9999, 0.9999]], grad_fn=<NativeBatchNormBackward0>)
     >>> w = [np.zeros(2), np.array([1.0, 2.0]), np.array([4.0, 9.0])]  # get_weights(), scale=False
