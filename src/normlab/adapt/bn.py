@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from ..layers.kinds import norm_kind
 from ..stats import statistics_dtype
-from ..surgery.recalibrate import _call_mask, _mask_position
+from ..surgery.recalibrate import call_mask, mask_position_of
 from ..surgery.walk import find_modules
 
 __all__ = ["adapt_bn", "adapted_norms", "adapting_bn", "mixed_statistics"]
@@ -124,7 +124,7 @@ class _MixedNorm:
     def __init__(self, module: nn.Module, name: str, prior: float, where: str, what: str) -> None:
         kind = norm_kind(module)
         self.activation = None if kind.activation is None else kind.activation.eval()
-        self.mask_position = _mask_position(module)
+        self.mask_position = mask_position_of(module)
         self.name, self.prior, self.where, self.what = name, prior, where, what
 
     def check(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -147,7 +147,7 @@ class _MixedNorm:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor:
         x = args[0] if args else kwargs["input"]
-        mask = _call_mask(args, kwargs, self.mask_position)
+        mask = call_mask(args, kwargs, self.mask_position)
         if not (x.is_floating_point() or x.is_complex()):
             x = x.to(module.running_mean.dtype)  # an integer image, as the frozen layers take it
         acc = statistics_dtype(x.dtype)

@@ -49,7 +49,8 @@ from ..layers.kinds import norm_kind
 from ..stats import Moments
 from .walk import check_model, find_modules
 
-__all__ = ["RecalibrationReport", "RecalibrationResult", "recalibrate_bn", "recalibrated_norms"]
+__all__ = ["RecalibrationReport", "RecalibrationResult", "call_mask", "mask_position_of", "recalibrate_bn",
+           "recalibrated_norms"]
 
 Forward = Callable[[nn.Module, Any], Any]
 
@@ -114,7 +115,7 @@ class _Moments(Moments):
         return torch.isfinite(self.mean).all() & torch.isfinite(self.m2).all()
 
 
-def _mask_position(module: nn.Module) -> int | None:
+def mask_position_of(module: nn.Module) -> int | None:
     """The positional index of ``mask`` in ``module``'s forward (after ``self``), or None when
     its forward takes no mask (torch's batch norms)."""
     try:
@@ -124,7 +125,9 @@ def _mask_position(module: nn.Module) -> int | None:
     return params.index("mask") if "mask" in params else None
 
 
-def _call_mask(args: tuple, kwargs: dict, position: int | None) -> Tensor | None:
+def call_mask(args: tuple, kwargs: dict, position: int | None) -> Tensor | None:
+    """The ``mask`` a norm was called with (by keyword, or at ``position`` from
+    :func:`mask_position_of`), or None: how recalibration and test-time adaptation read it."""
     if position is None:
         return None
     if "mask" in kwargs:
@@ -245,11 +248,11 @@ def _collect(
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, acc: _Moments, position: int | None) -> None:
         # A forward hook, not a pre-hook: it runs after the layer has checked input and mask.
-        acc.add(args[0] if args else kwargs["input"], _call_mask(args, kwargs, position))
+        acc.add(args[0] if args else kwargs["input"], call_mask(args, kwargs, position))
 
     handles = [
         module.register_forward_hook(
-            lambda m, a, k, o, acc=staged[name], pos=_mask_position(module): hook(m, a, k, o, acc, pos),
+            lambda m, a, k, o, acc=staged[name], pos=mask_position_of(module): hook(m, a, k, o, acc, pos),
             with_kwargs=True,
         )
         for name, module in layers.items()
