@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+from device_switch import generator
 from torch import nn
 
 import normlab
@@ -39,7 +40,7 @@ def pair(name: str, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     statistics, both in training mode; the input has an offset and spread per channel."""
     make, shape = PAIRS[name]
     ours, theirs = make(normlab), make(nn)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     with torch.no_grad():
         for key, p in theirs.named_parameters():
             p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))

@@ -1,20 +1,11 @@
-"""Helpers shared by the batch-norm variant tests (renorm, ghost): seeded layers and inputs,
-one torch thread, and a scale-aware closeness check."""
+"""Helpers shared by the batch-norm variant tests (renorm, ghost): seeded layers and inputs on the
+test device, and a scale-aware closeness check."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from device_switch import generator
 from torch import nn
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Small tensors: on a shared 2-core machine OpenMP threads mostly wait for each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def kind(shape) -> int:
@@ -24,7 +15,7 @@ def kind(shape) -> int:
 
 def randomize(layer: nn.Module, seed: int = 0) -> nn.Module:
     """Give γ, β and the running statistics seeded, non-trivial values (count 3)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     c = layer.num_features
     with torch.no_grad():
         if layer.weight is not None:
@@ -39,7 +30,7 @@ def randomize(layer: nn.Module, seed: int = 0) -> nn.Module:
 
 def sample(shape, seed, dtype=torch.float32, fmt=None) -> torch.Tensor:
     """Seeded data with a different mean and spread per channel (dimension 1)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     view = (1, shape[1]) + (1,) * (len(shape) - 2)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * (torch.rand(shape[1], generator=g, dtype=torch.float64)
                                                                  * 2 + 0.3).view(view)

@@ -20,10 +20,10 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+from device_switch import generator, to_numpy
 from torch import nn
 
 import normlab
-from device_switch import generator
 from normlab import reference as ref
 from normlab.layers.base import TORCH_NORM_HAS_BIAS
 
@@ -69,10 +69,6 @@ class RefStep:
     running_mean: np.ndarray | None
     running_var: np.ndarray | None
     num_batches_tracked: int | None
-
-
-def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().to(torch.float64).cpu().numpy().copy()
 
 
 def snapshot(layer: nn.Module, input_dtype: torch.dtype = torch.float32) -> Snapshot:

@@ -10,7 +10,7 @@ kernel path of the others.
 
 ``counts_batches`` is False only because the generic check expects one count per call: the
 count grows by one per virtual batch, and the reference's count is compared exactly anyway.
-torch.nn has no ghost batch norm (``has_torch=False``); tests/test_ghost.py compares with
+torch.nn has no ghost batch norm (``has_torch=False``); tests/layers/test_ghost.py compares with
 torch's BatchNorm applied chunk by chunk.
 """
 

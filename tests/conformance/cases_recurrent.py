@@ -20,7 +20,7 @@ both without changing the layer's API:
   ``(1, C)`` statistics, so the generic checks compare the layer's whole buffers. One case
   calls with ``step=4``, beyond ``max_steps - 1``, which must use (and update) the last row.
   Several rows, steps beyond ``max_steps`` and untouched rows are checked in
-  tests/test_recurrent.py.
+  tests/layers/test_recurrent.py.
 
 The masked case marks every third row (index 2, 5, ...) as padding: the reference is batch
 norm over the valid rows, zeros at padded rows (outputs and input gradients), parameter
@@ -55,7 +55,7 @@ def _fixed_step(step: int, masked: bool):
         if len(args) != 1 or kwargs:  # an explicit step (or mask): the caller's call stands
             return None
         x = args[0]
-        mask = torch.from_numpy(_valid_rows(x.shape[0])).to(x.device) if masked else None
+        mask = torch.as_tensor(_valid_rows(x.shape[0])).to(x.device) if masked else None
         return (x, step, mask), {}
 
     return hook

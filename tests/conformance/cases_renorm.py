@@ -12,9 +12,9 @@ Two kinds of configuration:
   and |mu_B - mu| / sigma >= 0.009 in every channel; a case renamed, and so reseeded, could
   leave a channel unclipped and fail gradcheck for that reason alone.) Unclipped corrections,
   whose gradient differs from the true derivative on purpose, are checked against the
-  reference in tests/test_renorm.py.
+  reference in tests/layers/test_renorm.py.
 
-torch.nn has no batch renorm (``has_torch=False``); tests/test_renorm.py cross-loads state
+torch.nn has no batch renorm (``has_torch=False``); tests/layers/test_renorm.py cross-loads state
 dicts with torch's BatchNorm and compares with it where r = 1, d = 0.
 """
 

@@ -12,14 +12,14 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from device_switch import generator
+from kernel_paths import kernel_path  # noqa: F401 - a fixture
 from torch import nn
 
 import normlab
 from normlab import reference as ref
 
 from .cases import randomize_, to_numpy
-from device_switch import generator
-from kernel_paths import kernel_path  # noqa: F401 - a fixture
 
 
 def _randomized(layer: nn.Module, seed: int = 0) -> nn.Module:
@@ -265,7 +265,7 @@ def test_constant_channel_at_large_offset_gives_exactly_beta(layout, shift):
 
 
 def test_channels_last_accuracy_vs_reference(kernel_path):
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     x = torch.randn(16, 16, 28, 28, generator=g) * 2 + 3
     expected, *_ = ref.batch_norm(to_numpy(x), training=True)
 
@@ -283,7 +283,7 @@ def test_channels_last_accuracy_vs_reference(kernel_path):
 
 
 def test_channels_last_parameter_gradients_as_accurate_as_nchw(kernel_path):
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     x = torch.randn(16, 16, 28, 28, generator=g) * 2 + 3
     dy = torch.randn(16, 16, 28, 28, generator=g)
     _, dw, db = ref.batch_norm_backward(to_numpy(dy), to_numpy(x))

@@ -121,7 +121,7 @@ def notes(figures, arms, bn_arms, sizes, seeds, momenta, job, values, gains, tol
                          f"registry's default_groups picks the largest divisor of the channels up to 32): it is "
                          f"instance normalization with a learned per-channel scale and shift, computed by "
                          f"GroupNorm's code; the 'instance' arm is InstanceNorm2d without them (torch's default). "
-                         f"Group norm with several channels per group is covered by tests/test_batch_independence.py.")
+                         f"Group norm with several channels per group is covered by tests/layers/test_batch_independence.py.")
     notes += _interpretation(findings, gains, sizes, momenta, config)
     return notes
 

@@ -43,7 +43,7 @@ FROZEN = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
 def test_a_list_or_numpy_array_instead_of_a_tensor(name, kind):
     make, shape = LAYERS[name]
     x = torch.randn(shape)
-    value = x.tolist() if kind == "list" else x.numpy()
+    value = x.tolist() if kind == "list" else x.cpu().numpy()
     with pytest.raises(TypeError, match=rf"^{name}\(.*input must be a torch.Tensor, got "
                                         rf"{type(value).__name__}; convert it with torch.as_tensor"):
         make()(value)

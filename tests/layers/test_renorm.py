@@ -14,11 +14,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from device_switch import to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from variant_helpers import close, kind as rank_of, randomize, sample
 
 import normlab
-from variant_helpers import close, kind as rank_of, one_torch_thread, randomize, sample  # noqa: F401 (fixture)
 from normlab import functional as NF
 from normlab import reference as R
 from normlab.layers.renorm import (
@@ -33,9 +34,6 @@ RENORM = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMLAB_BN = {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d, 3: normlab.BatchNorm3d}
 
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().numpy()
 
 
 def _run(layer, x, dy):
@@ -130,15 +128,15 @@ def test_matches_reference_with_corrections(shape, fmt, dtype, limits):
     layer = randomize(RENORM[rank_of(shape)](shape[1], r_max=r_max, d_max=d_max, dtype=dtype))
     for step, training in enumerate([True, True, True, False]):
         layer.train(training)
-        rm, rv, count = _np(layer.running_mean), _np(layer.running_var), int(layer.num_batches_tracked)
-        w, b = _np(layer.weight), _np(layer.bias)
+        rm, rv, count = to_numpy(layer.running_mean), to_numpy(layer.running_var), int(layer.num_batches_tracked)
+        w, b = to_numpy(layer.weight), to_numpy(layer.bias)
         x, dy = sample(shape, 100 + step, dtype, fmt), sample(shape, 200 + step, dtype, fmt)
         y_ref, rm_ref, rv_ref, count_ref = R.batch_renorm(
-            _np(x), rm, rv, w, b, training=training, eps=layer.eps, r_max=r_max, d_max=d_max,
+            to_numpy(x), rm, rv, w, b, training=training, eps=layer.eps, r_max=r_max, d_max=d_max,
             num_batches_tracked=count,
         )
         dx_ref, dw_ref, db_ref = R.batch_renorm_backward(
-            _np(dy), _np(x), rm, rv, w, layer.eps, r_max=r_max, d_max=d_max, training=training,
+            to_numpy(dy), to_numpy(x), rm, rv, w, layer.eps, r_max=r_max, d_max=d_max, training=training,
         )
         y, g = _run(layer, x, dy)
         when = f"step {step + 1}"
@@ -307,8 +305,8 @@ def test_schedule_decides_the_corrections_step_by_step():
     for step in range(6):
         x = sample((8, 3), 50 + step, torch.float64) * 3
         r_max, d_max = schedule["r_max"](step), schedule["d_max"](step)
-        expected = R.batch_renorm(_np(x), _np(ours.running_mean), _np(ours.running_var), _np(ours.weight),
-                                  _np(ours.bias), training=True, eps=ours.eps, r_max=r_max, d_max=d_max)[0]
+        expected = R.batch_renorm(to_numpy(x), to_numpy(ours.running_mean), to_numpy(ours.running_var), to_numpy(ours.weight),
+                                  to_numpy(ours.bias), training=True, eps=ours.eps, r_max=r_max, d_max=d_max)[0]
         y, y_bn = ours(x), theirs(x)
         close(y, expected, 1e-10, f"output at step {step}")
         same_as_bn = float((y - y_bn).detach().abs().max()) < 1e-10
@@ -426,8 +424,8 @@ def test_large_offset_channels_stay_accurate():
     layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
     with torch.no_grad():
         layer.running_mean.fill_(1e4)
-    expected = R.batch_renorm(_np(x64), _np(layer.running_mean), _np(layer.running_var), _np(layer.weight),
-                              _np(layer.bias), training=True, eps=layer.eps, r_max=3.0, d_max=5.0)[0]
+    expected = R.batch_renorm(to_numpy(x64), to_numpy(layer.running_mean), to_numpy(layer.running_var), to_numpy(layer.weight),
+                              to_numpy(layer.bias), training=True, eps=layer.eps, r_max=3.0, d_max=5.0)[0]
     close(layer(x64.float()), expected, 2e-4, "output of an offset batch")
 
 

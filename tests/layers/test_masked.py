@@ -11,25 +11,22 @@ import re
 import numpy as np
 import pytest
 import torch
+from device_switch import generator, to_numpy
 
 import normlab
 from normlab import functional as NF
 from normlab import reference as R
 
 
-def _np(t):
-    return t.detach().double().numpy()
-
-
 def _lengths_mask(n: int, length: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     lengths = torch.randint(1, length + 1, (n,), generator=g)
     lengths[0] = length  # at least one full row, so every layout keeps >= 2 valid positions
     return torch.arange(length) < lengths[:, None]
 
 
 def _random_mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     mask = torch.rand(shape, generator=g) < 0.6
     mask.view(-1)[:2] = True
     return mask
@@ -53,7 +50,7 @@ def _valid_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _sample(shape, seed, channels_last=False):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     x = torch.randn(shape, generator=g) * 1.5 + 0.7
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -106,28 +103,28 @@ def test_masked_batch_norm_matches_the_float64_reference(layout, training, unbia
     out = NF.batch_norm(x, rm, rv, w, b, training=training, momentum=0.3, eps=1e-3,
                         num_batches_tracked=torch.tensor(2), unbiased=unbiased, mask=mask)
     y_ref, rm_ref, rv_ref, count_ref = R.masked_batch_norm(
-        _np(x), mask.numpy(), _np(rm), _np(rv), _np(w), _np(b), training=training, momentum=0.3,
+        to_numpy(x), mask.cpu().numpy(), to_numpy(rm), to_numpy(rv), to_numpy(w), to_numpy(b), training=training, momentum=0.3,
         eps=1e-3, num_batches_tracked=2, unbiased=unbiased,
     )
-    np.testing.assert_allclose(_np(out.output), y_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(_np(out.running_mean), rm_ref, rtol=1e-12)
-    np.testing.assert_allclose(_np(out.running_var), rv_ref, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(out.output), y_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(out.running_mean), rm_ref, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(out.running_var), rv_ref, rtol=1e-12)
     assert int(out.num_batches_tracked) == count_ref
     dy = _sample(shape, seed=6).double()
     (out.output * dy).sum().backward()
     dx, dw, db = R.masked_batch_norm_backward(
-        _np(dy), _np(x), mask.numpy(), _np(w), eps=1e-3, training=training,
-        running_mean=_np(rm), running_var=_np(rv),
+        to_numpy(dy), to_numpy(x), mask.cpu().numpy(), to_numpy(w), eps=1e-3, training=training,
+        running_mean=to_numpy(rm), running_var=to_numpy(rv),
     )
-    np.testing.assert_allclose(_np(x.grad), dx, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(_np(w.grad), dw, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(_np(b.grad), db, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(x.grad), dx, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(w.grad), dw, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(b.grad), db, rtol=1e-9, atol=1e-12)
 
 
 def test_reference_masked_batch_norm_is_batch_norm_of_the_valid_rows():
     # The two reference definitions agree: the masked formulas, and batch norm of the valid rows.
-    x = _sample((4, 3, 6), seed=7).double().numpy()
-    mask = _lengths_mask(4, 6, seed=8).numpy()
+    x = to_numpy(_sample((4, 3, 6), seed=7))
+    mask = _lengths_mask(4, 6, seed=8).cpu().numpy()
     y, rm, rv, _ = R.masked_batch_norm(x, mask, np.zeros(3), np.ones(3), training=True)
     rows = np.moveaxis(x, 1, -1)[mask]
     y_rows, rm_rows, rv_rows, _ = R.batch_norm(rows, np.zeros(3), np.ones(3), training=True)
@@ -177,9 +174,9 @@ def test_eval_mode_uses_the_running_statistics_and_leaves_them():
     x, mask = _sample((4, 3, 6), seed=13), _lengths_mask(4, 6, seed=14)
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     y = bn(x, mask)
-    y_ref = R.masked_batch_norm(_np(x), mask.numpy(), _np(bn.running_mean), _np(bn.running_var),
-                                _np(bn.weight), _np(bn.bias), training=False)[0]
-    np.testing.assert_allclose(_np(y), y_ref, atol=1e-6)
+    y_ref = R.masked_batch_norm(to_numpy(x), mask.cpu().numpy(), to_numpy(bn.running_mean), to_numpy(bn.running_var),
+                                to_numpy(bn.weight), to_numpy(bn.bias), training=False)[0]
+    np.testing.assert_allclose(to_numpy(y), y_ref, atol=1e-6)
     for key, value in bn.state_dict().items():
         assert torch.equal(value, before[key]), key
 
@@ -187,8 +184,8 @@ def test_eval_mode_uses_the_running_statistics_and_leaves_them():
 def test_without_running_statistics_eval_uses_masked_batch_statistics():
     bn = normlab.BatchNorm1d(3, track_running_stats=False).eval()
     x, mask = _sample((4, 3, 6), seed=15), _lengths_mask(4, 6, seed=16)
-    y_ref = R.masked_batch_norm(_np(x), mask.numpy(), weight=_np(bn.weight), bias=_np(bn.bias), training=False)[0]
-    np.testing.assert_allclose(_np(bn(x, mask)), y_ref, atol=1e-5)
+    y_ref = R.masked_batch_norm(to_numpy(x), mask.cpu().numpy(), weight=to_numpy(bn.weight), bias=to_numpy(bn.bias), training=False)[0]
+    np.testing.assert_allclose(to_numpy(bn(x, mask)), y_ref, atol=1e-5)
 
 
 def test_an_all_true_mask_gives_the_unmasked_result():
@@ -205,19 +202,19 @@ def test_16_bit_input_gets_float32_statistics(dtype):
     bn = normlab.BatchNorm1d(3).to(dtype)
     y = bn(x, mask)
     assert y.dtype == dtype and bn.running_mean.dtype == torch.float32
-    y_ref, rm_ref, rv_ref, _ = R.masked_batch_norm(_np(x), mask.numpy(), np.zeros(3), np.ones(3),
+    y_ref, rm_ref, rv_ref, _ = R.masked_batch_norm(to_numpy(x), mask.cpu().numpy(), np.zeros(3), np.ones(3),
                                                    training=True)
-    np.testing.assert_allclose(_np(y), y_ref, atol=0.05)  # 16-bit output rounding only
-    np.testing.assert_allclose(_np(bn.running_mean), rm_ref, rtol=1e-5)
-    np.testing.assert_allclose(_np(bn.running_var), rv_ref, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(y), y_ref, atol=0.05)  # 16-bit output rounding only
+    np.testing.assert_allclose(to_numpy(bn.running_mean), rm_ref, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(bn.running_var), rv_ref, rtol=1e-4)
 
 
 def test_large_offsets_keep_float32_accuracy():
     # Two-pass statistics and subtract-first output: an offset of 1e4 next to unit spread.
     x, mask = _sample((16, 2, 32), seed=20) + 1e4, _lengths_mask(16, 32, seed=21)
     y = NF.batch_norm(x, training=True, mask=mask).output
-    y_ref = R.masked_batch_norm(_np(x), mask.numpy(), training=True)[0]
-    np.testing.assert_allclose(_np(y), y_ref, atol=2e-3)
+    y_ref = R.masked_batch_norm(to_numpy(x), mask.cpu().numpy(), training=True)[0]
+    np.testing.assert_allclose(to_numpy(y), y_ref, atol=2e-3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -288,8 +285,8 @@ def test_vmap_over_batches_with_one_shared_mask():
 
     outs, rms, rvs = vmap(step)(xs, torch.zeros(3, 2), torch.ones(3, 2))
     for i in range(3):
-        y, rm, rv, _ = R.masked_batch_norm(_np(xs[i]), mask.numpy(), np.zeros(2), np.ones(2), training=True,
+        y, rm, rv, _ = R.masked_batch_norm(to_numpy(xs[i]), mask.cpu().numpy(), np.zeros(2), np.ones(2), training=True,
                                            momentum=0.2)
-        np.testing.assert_allclose(_np(outs[i]), y, atol=2e-6)
-        np.testing.assert_allclose(_np(rms[i]), rm, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(_np(rvs[i]), rv, rtol=1e-5)
+        np.testing.assert_allclose(to_numpy(outs[i]), y, atol=2e-6)
+        np.testing.assert_allclose(to_numpy(rms[i]), rm, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(to_numpy(rvs[i]), rv, rtol=1e-5)

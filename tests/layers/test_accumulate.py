@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from device_switch import generator, to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -16,10 +17,6 @@ import normlab
 from normlab import reference as R
 from normlab.accumulate import StatPool, accumulate
 from normlab.layers.base import in_backward
-
-
-def _np(t):
-    return t.detach().double().numpy()
 
 
 def _seeded(layer: nn.Module, count: int = 4) -> nn.Module:
@@ -35,7 +32,7 @@ def _seeded(layer: nn.Module, count: int = 4) -> nn.Module:
 
 
 def _batch(shape, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randn(shape, generator=g) * 2 + 0.5
 
 
@@ -48,7 +45,7 @@ def test_pooled_update_equals_one_training_step_on_the_full_batch(cls_name, mome
     shape, sizes = SPLITS[cls_name]
     ours = _seeded(getattr(normlab, cls_name)(3, momentum=momentum))
     full = _seeded(getattr(nn, cls_name)(3, momentum=momentum))
-    before = {k: _np(v) for k, v in ours.state_dict().items()}
+    before = {k: to_numpy(v) for k, v in ours.state_dict().items()}
     x = _batch(shape, seed=1)
     with accumulate(ours):
         for micro in x.split(sizes):
@@ -58,10 +55,10 @@ def test_pooled_update_equals_one_training_step_on_the_full_batch(cls_name, mome
     torch.testing.assert_close(ours.running_mean, full.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.running_var, full.running_var, rtol=1e-6, atol=1e-6)
     assert int(ours.num_batches_tracked) == int(full.num_batches_tracked) == 5
-    _, rm, rv, _ = R.batch_norm(_np(x), before["running_mean"], before["running_var"], training=True,
+    _, rm, rv, _ = R.batch_norm(to_numpy(x), before["running_mean"], before["running_var"], training=True,
                                     momentum=momentum, num_batches_tracked=4)
-    np.testing.assert_allclose(_np(ours.running_mean), rm, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(_np(ours.running_var), rv, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(ours.running_mean), rm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(to_numpy(ours.running_var), rv, rtol=1e-6)
 
 
 def test_torch_updates_once_per_micro_batch_which_is_what_accumulate_fixes():

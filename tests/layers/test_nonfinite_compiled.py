@@ -25,6 +25,7 @@ import warnings
 
 import pytest
 import torch
+from device_switch import generator
 from torch import nn
 
 import normlab
@@ -68,7 +69,7 @@ def _call(module: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _batches(shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A finite batch, a batch with one NaN, and another finite batch (offset and scaled, so
     the running statistics visibly move)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     first = torch.randn(shape, generator=g) * 2 + 3
     bad = torch.randn(shape, generator=g)
     bad[0, 0] = float("nan")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from device_switch import generator, to_numpy
 from torch import nn
 
 from normlab import reference as R
@@ -26,13 +27,10 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _np(t):
-    return t.detach().double().numpy()
-
 
 def step_input(n: int, c: int, t: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     """Data whose distribution changes with the time step (mean t, spread 1 + t/2)."""
-    g = torch.Generator().manual_seed(1000 * seed + t)
+    g = generator(1000 * seed + t)
     return (torch.randn(n, c, generator=g, dtype=torch.float64) * (1 + t / 2) + t).to(dtype)
 
 
@@ -51,12 +49,12 @@ def test_statistics_are_per_step_and_the_last_row_serves_beyond_max_steps():
             x = step_input(6, 3, t, seed=epoch)
             row = rows[min(t, 2)]
             y_ref, row[0], row[1], row[2] = R.batch_norm(
-                _np(x), row[0], row[1], _np(bn.weight), _np(bn.bias), training=True, momentum=0.3,
+                to_numpy(x), row[0], row[1], to_numpy(bn.weight), to_numpy(bn.bias), training=True, momentum=0.3,
                 num_batches_tracked=row[2])
-            np.testing.assert_allclose(_np(bn(x, t)), y_ref, atol=1e-12)
+            np.testing.assert_allclose(to_numpy(bn(x, t)), y_ref, atol=1e-12)
     for r, (mean, var, count) in enumerate(rows):
-        np.testing.assert_allclose(_np(bn.running_mean[r]), mean, rtol=1e-12)
-        np.testing.assert_allclose(_np(bn.running_var[r]), var, rtol=1e-12)
+        np.testing.assert_allclose(to_numpy(bn.running_mean[r]), mean, rtol=1e-12)
+        np.testing.assert_allclose(to_numpy(bn.running_var[r]), var, rtol=1e-12)
         assert int(bn.num_batches_tracked[r]) == count == (2 if r < 2 else 6)
     # The steps' distributions differ, and so do the rows.
     assert bn.running_mean[0].max() < bn.running_mean[1].min() < bn.running_mean[1].max() < bn.running_mean[2].min()
@@ -64,10 +62,10 @@ def test_statistics_are_per_step_and_the_last_row_serves_beyond_max_steps():
     bn.eval()
     x = step_input(4, 3, 9, seed=5)
     for step in (2, 3, 9, 100):
-        expected = R.batch_norm(_np(x), rows[2][0], rows[2][1], _np(bn.weight), _np(bn.bias))[0]
-        np.testing.assert_allclose(_np(bn(x, step)), expected, atol=1e-12)
-    expected_row0 = R.batch_norm(_np(x), rows[0][0], rows[0][1], _np(bn.weight), _np(bn.bias))[0]
-    np.testing.assert_allclose(_np(bn(x, 0)), expected_row0, atol=1e-12)
+        expected = R.batch_norm(to_numpy(x), rows[2][0], rows[2][1], to_numpy(bn.weight), to_numpy(bn.bias))[0]
+        np.testing.assert_allclose(to_numpy(bn(x, step)), expected, atol=1e-12)
+    expected_row0 = R.batch_norm(to_numpy(x), rows[0][0], rows[0][1], to_numpy(bn.weight), to_numpy(bn.bias))[0]
+    np.testing.assert_allclose(to_numpy(bn(x, 0)), expected_row0, atol=1e-12)
 
 
 def test_masked_statistics_use_the_valid_rows_only():
@@ -77,19 +75,19 @@ def test_masked_statistics_use_the_valid_rows_only():
     x_padded = x.clone()
     x_padded[~mask] = 1e6  # padding values must not matter
     y = bn(x_padded, 1, mask)
-    y_ref, rm, rv, _ = R.batch_norm(_np(x[mask]), np.zeros(4), np.ones(4), np.ones(4), np.zeros(4), training=True)
-    np.testing.assert_allclose(_np(y[mask]), y_ref, atol=1e-12)
+    y_ref, rm, rv, _ = R.batch_norm(to_numpy(x[mask]), np.zeros(4), np.ones(4), np.ones(4), np.zeros(4), training=True)
+    np.testing.assert_allclose(to_numpy(y[mask]), y_ref, atol=1e-12)
     assert torch.equal(y[~mask], torch.zeros(2, 4, dtype=torch.float64))  # padded rows: zero
-    np.testing.assert_allclose(_np(bn.running_mean[1]), rm, rtol=1e-12)
-    np.testing.assert_allclose(_np(bn.running_var[1]), rv, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(bn.running_mean[1]), rm, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(bn.running_var[1]), rv, rtol=1e-12)
     assert torch.equal(bn.running_mean[0], torch.zeros(4, dtype=torch.float64))  # other rows untouched
 
     # Gradients: padded rows get none; valid ones are batch norm's over the valid rows.
     xx = x.clone().requires_grad_(True)
     dy = step_input(7, 4, 3)
     bn(xx, 1, mask).backward(dy)
-    dx_ref = R.batch_norm_backward(_np(dy[mask]), _np(x[mask]), np.ones(4))[0]
-    np.testing.assert_allclose(_np(xx.grad[mask]), dx_ref, atol=1e-12)
+    dx_ref = R.batch_norm_backward(to_numpy(dy[mask]), to_numpy(x[mask]), np.ones(4))[0]
+    np.testing.assert_allclose(to_numpy(xx.grad[mask]), dx_ref, atol=1e-12)
     assert torch.equal(xx.grad[~mask], torch.zeros(2, 4, dtype=torch.float64))
 
 
@@ -117,8 +115,8 @@ def test_single_valid_row_raises_or_uses_the_running_statistics():
         bn.running_mean[2].fill_(0.5), bn.running_var[2].fill_(4.0)
     before = bn.running_mean.clone(), bn.running_var.clone()
     y = bn(x, 4, mask)
-    expected = R.batch_norm(_np(x[1:2]), np.full(2, 0.5), np.full(2, 4.0), np.ones(2), np.zeros(2))[0]
-    np.testing.assert_allclose(_np(y[1:2]), expected, atol=1e-12)
+    expected = R.batch_norm(to_numpy(x[1:2]), np.full(2, 0.5), np.full(2, 4.0), np.ones(2), np.zeros(2))[0]
+    np.testing.assert_allclose(to_numpy(y[1:2]), expected, atol=1e-12)
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
 
 
@@ -169,7 +167,7 @@ def test_constructor_errors():
 
 
 def sequences(n: int, steps: int, features: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randn(n, steps, features, generator=g, dtype=torch.float64).to(dtype)
 
 
@@ -325,7 +323,7 @@ def test_training_reduces_the_loss_on_a_toy_task(kind):
     model = (BNLSTM(1, 16, max_steps=steps) if kind == "bn" else LNLSTM(1, 16))
     head = nn.Linear(16, 1)
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=0.02)
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     losses = []
     for _ in range(60):
         x = torch.randint(0, 2, (batch, steps, 1), generator=g).float() * 2 - 1
@@ -399,35 +397,35 @@ def test_steps_0_1_2_5_follow_three_independent_reference_sequences(momentum, un
     TOL32 = dict(rtol=1e-5, atol=1e-5)  # float32 layer vs float64 reference
     steps, rows_of = (0, 1, 2, 5), {0: 0, 1: 1, 2: 2, 5: 2}
     bn = RecurrentBatchNorm(4, max_steps=3, momentum=momentum, unbiased=unbiased)
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     with torch.no_grad():  # distinct starting rows, so a wrong row cannot pass by coincidence
         bn.weight.copy_(torch.rand(4, generator=g) + 0.5), bn.bias.copy_(torch.randn(4, generator=g))
         bn.running_mean.copy_(torch.randn(3, 4, generator=g))
         bn.running_var.copy_(torch.rand(3, 4, generator=g) + 0.5)
         bn.num_batches_tracked.copy_(torch.tensor([2, 5, 9]))
-    rows = [[_np(bn.running_mean[r]), _np(bn.running_var[r]), int(bn.num_batches_tracked[r])] for r in range(3)]
-    w, b = _np(bn.weight), _np(bn.bias)
+    rows = [[to_numpy(bn.running_mean[r]), to_numpy(bn.running_var[r]), int(bn.num_batches_tracked[r])] for r in range(3)]
+    w, b = to_numpy(bn.weight), to_numpy(bn.bias)
     for rnd in range(3):
         for t in steps:
             x = step_input(6, 4, t, seed=rnd, dtype=torch.float32).requires_grad_(True)
             dy = step_input(6, 4, t + 10, seed=rnd, dtype=torch.float32)
             row = rows[rows_of[t]]
             y_ref, row[0], row[1], row[2] = R.batch_norm(
-                _np(x), row[0], row[1], w, b, training=True, momentum=momentum,
+                to_numpy(x), row[0], row[1], w, b, training=True, momentum=momentum,
                 num_batches_tracked=row[2], unbiased=unbiased)
-            dx_ref, dw_ref, db_ref = R.batch_norm_backward(_np(dy), _np(x), w)
+            dx_ref, dw_ref, db_ref = R.batch_norm_backward(to_numpy(dy), to_numpy(x), w)
             bn.zero_grad(set_to_none=True)
             y = bn(x, t)
             y.backward(dy)
             when = f"round {rnd}, step {t}"
-            np.testing.assert_allclose(_np(y), y_ref, **TOL32, err_msg=when)
-            np.testing.assert_allclose(_np(x.grad), dx_ref, **TOL32, err_msg=when)
-            np.testing.assert_allclose(_np(bn.weight.grad), dw_ref, **TOL32, err_msg=when)
-            np.testing.assert_allclose(_np(bn.bias.grad), db_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(to_numpy(y), y_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(to_numpy(x.grad), dx_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(to_numpy(bn.weight.grad), dw_ref, **TOL32, err_msg=when)
+            np.testing.assert_allclose(to_numpy(bn.bias.grad), db_ref, **TOL32, err_msg=when)
             for r, (mean, var, count) in enumerate(rows):  # every row, so untouched ones stay put
                 where = f"{when}, row {r}"
-                np.testing.assert_allclose(_np(bn.running_mean[r]), mean, rtol=1e-5, atol=1e-6, err_msg=where)
-                np.testing.assert_allclose(_np(bn.running_var[r]), var, rtol=1e-5, atol=1e-6, err_msg=where)
+                np.testing.assert_allclose(to_numpy(bn.running_mean[r]), mean, rtol=1e-5, atol=1e-6, err_msg=where)
+                np.testing.assert_allclose(to_numpy(bn.running_var[r]), var, rtol=1e-5, atol=1e-6, err_msg=where)
                 assert int(bn.num_batches_tracked[r]) == count, where
     assert bn.num_batches_tracked.tolist() == [2 + 3, 5 + 3, 9 + 6]
 
@@ -435,5 +433,5 @@ def test_steps_0_1_2_5_follow_three_independent_reference_sequences(momentum, un
     x = step_input(5, 4, 3, seed=9, dtype=torch.float32)
     for t in steps:
         mean, var, _ = rows[rows_of[t]]
-        expected = R.batch_norm(_np(x), mean, var, w, b)[0]
-        np.testing.assert_allclose(_np(bn(x, t)), expected, **TOL32, err_msg=f"eval, step {t}")
+        expected = R.batch_norm(to_numpy(x), mean, var, w, b)[0]
+        np.testing.assert_allclose(to_numpy(bn(x, t)), expected, **TOL32, err_msg=f"eval, step {t}")

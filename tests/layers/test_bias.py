@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_before_bias
+from device_switch import generator
 from torch import nn
 
 import normlab
-import torch_before_bias
 from normlab.layers.base import TORCH_NORM_HAS_BIAS
 from normlab.layers.ghost import GhostBatchNorm2d
 from normlab.layers.renorm import BatchRenorm2d
@@ -80,7 +81,7 @@ def test_issue15_item1_bias_false_is_a_weight_without_a_bias(make, make_torch, s
     layer = _randomize(make(bias=False))
     assert layer.bias is None and layer.weight is not None
     assert "bias" not in layer.state_dict() and "weight" in layer.state_dict()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    x = torch.randn(shape, generator=generator(0)) * 2 + 1
     kwargs = {"step": 0} if isinstance(layer, normlab.RecurrentBatchNorm) else {}
     for training in (True, False):
         layer.train(training)
@@ -149,7 +150,7 @@ def test_issue15_item1_bias_false_on_a_torch_without_it(monkeypatch, name):
         nn.BatchNorm2d(3, bias=False)  # the emulation is in force
     layer = _randomize(make(bias=False))
     assert layer.bias is None and "bias" not in layer.state_dict()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(shape, generator=generator(1))
     kwargs = {"step": 0} if isinstance(layer, normlab.RecurrentBatchNorm) else {}
     torch.testing.assert_close(layer.eval()(x, **kwargs), _reference(layer, x), atol=1e-5, rtol=1e-5)
     if hasattr(layer, "reset_parameters"):

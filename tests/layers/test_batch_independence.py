@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from device_switch import generator
 from torch import nn
 
 import normlab
@@ -33,7 +34,7 @@ def one_thread():
 
 
 def _data():
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     probes = torch.randn(PROBES, C, H, W, generator=g)
     mates_a = torch.randn(MATES, C, H, W, generator=g)
     # Batch-mates from another distribution: a batch statistic would move far.
@@ -43,7 +44,7 @@ def _data():
 
 def _randomized(layer: nn.Module) -> nn.Module:
     """Non-trivial affine parameters, and running statistics away from (0, 1) where kept."""
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     with torch.no_grad():
         if getattr(layer, "weight", None) is not None:
             layer.weight.copy_(1 + 0.5 * torch.randn(layer.weight.shape, generator=g))

@@ -12,11 +12,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from device_switch import to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from variant_helpers import close, kind as rank_of, randomize, sample
 
 import normlab
-from variant_helpers import close, kind as rank_of, one_torch_thread, randomize, sample  # noqa: F401 (fixture)
 from normlab import functional as NF
 from normlab import reference as R
 from normlab.layers.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -167,9 +168,9 @@ def test_gradcheck_uneven_virtual_batches():
 def test_matches_float64_reference():
     layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=3, momentum=0.3, dtype=torch.float64))
     for step in range(2):
-        state = [t.detach().double().numpy() for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
+        state = [to_numpy(t) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)]
         x = sample((7, 3, 3, 3), 40 + step, torch.float64)
-        y_ref, rm, rv, count = R.ghost_batch_norm(x.numpy(), 3, *state, training=True, momentum=0.3,
+        y_ref, rm, rv, count = R.ghost_batch_norm(to_numpy(x), 3, *state, training=True, momentum=0.3,
                                                    eps=layer.eps, num_batches_tracked=int(layer.num_batches_tracked))
         close(layer(x), y_ref, 1e-10, "output")
         close(layer.running_mean, rm, 1e-12, "running_mean")
@@ -263,8 +264,8 @@ def test_nonfinite_virtual_batch_leaves_all_running_statistics(fmt):
 def test_large_offset_channels_stay_accurate():
     x64 = sample((12, 3, 5, 5), 4, torch.float64) + 1e4
     layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=4))
-    w, b = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
-    expected = R.ghost_batch_norm(x64.numpy(), 4, None, None, w, b, training=True)[0]
+    w, b = to_numpy(layer.weight), to_numpy(layer.bias)
+    expected = R.ghost_batch_norm(to_numpy(x64), 4, None, None, w, b, training=True)[0]
     close(layer(x64.float()), expected, 2e-4, "output of an offset batch")
 
 

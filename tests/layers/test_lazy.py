@@ -1,11 +1,12 @@
 """Issue 15 item 2: LazyBatchNorm1d/2d/3d and LazyInstanceNorm1d/2d/3d as torch has them,
 materializing to normlab's layers. (torch's module test inputs run through them in
-tests/test_module_db.py.)"""
+tests/layers/test_module_db.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from device_switch import generator
 from torch import nn
 
 import normlab
@@ -36,7 +37,7 @@ def test_issue15_item2_lazy_layer_is_torchs_then_becomes_normlabs(ours_cls, torc
     assert repr(ours) == repr(theirs)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert ours.has_uninitialized_params() == theirs.has_uninitialized_params()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    x = torch.randn(shape, generator=generator(0)) * 2 + 1
     for step in range(2):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
         assert type(ours) is becomes and type(theirs) is getattr(nn, becomes.__name__)

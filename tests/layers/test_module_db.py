@@ -31,6 +31,7 @@ import warnings
 
 import pytest
 import torch
+from device_switch import generator
 from torch import nn
 
 import normlab
@@ -73,15 +74,6 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfl
 SEED = 1234
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Hundreds of tiny modules: OpenMP threads would spend their time waiting on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _empty_training_batch(info, sample, training: bool) -> bool:
     """A training batch of zero samples for a layer that counts batches (see the module docstring)."""
     return training and sample.forward_input.args[0].numel() == 0 and info.module_cls in (
@@ -94,11 +86,13 @@ def test_module_db_has_every_norm_entry():
 
 
 def _samples(info, dtype: torch.dtype, training: bool, lazy: bool):
-    """The entry's samples, made from a fixed seed (so collection and test see the same ones)."""
+    """The entry's samples, made from a fixed seed (so collection and test see the same ones), on
+    torch's default device: the test device inside a test (NORMLAB_TEST_DEVICE), the CPU when
+    collecting (only their number and descriptions are used then)."""
     torch.manual_seed(SEED)
     kwargs = {"lazy": True} if lazy and info.module_cls in (nn.InstanceNorm1d, nn.InstanceNorm2d,
                                                             nn.InstanceNorm3d) else {}
-    return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training, **kwargs)
+    return info.module_inputs_func(info, device=torch.get_default_device(), dtype=dtype, requires_grad=True, training=training, **kwargs)
 
 
 def _lazy_args(info, sample) -> tuple[tuple, dict]:
@@ -146,7 +140,7 @@ def _unit_close(ours: torch.Tensor, theirs: torch.Tensor, tol: float, what: str)
 
 def _randomize(module: nn.Module) -> None:
     """Parameters away from 1 / 0, so a missing or misplaced weight or bias shows."""
-    g = torch.Generator().manual_seed(SEED)
+    g = generator(SEED)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_((torch.rand(p.shape, generator=g) + 0.5).to(p.dtype))
@@ -156,7 +150,7 @@ def _step(module: nn.Module, inputs: tuple, dy_seed: int):
     """Output, input gradients and parameter gradients of one forward and backward."""
     xs = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
     out = module(*xs)
-    g = torch.Generator().manual_seed(dy_seed)
+    g = generator(dy_seed)
     dy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     for p in module.parameters():
         p.grad = None

@@ -5,15 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from device_switch import to_numpy
 from torch.func import functional_call, vmap
 
 import normlab
 from normlab import functional as NF
 from normlab import reference as R
-
-
-def _np(t):
-    return t.detach().double().numpy()
 
 
 def test_batch_norm_does_not_modify_its_arguments():
@@ -36,9 +33,9 @@ def test_instance_norm_does_not_modify_its_arguments():
     rm0, rv0 = rm.clone(), rv.clone()
     result = NF.instance_norm(x, rm, rv, use_input_stats=True, momentum=0.2)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
-    _, ref_rm, ref_rv = R.instance_norm(_np(x), _np(rm), _np(rv), momentum=0.2)
-    np.testing.assert_allclose(_np(result.running_mean), ref_rm, rtol=1e-6)
-    np.testing.assert_allclose(_np(result.running_var), ref_rv, rtol=1e-6)
+    _, ref_rm, ref_rv = R.instance_norm(to_numpy(x), to_numpy(rm), to_numpy(rv), momentum=0.2)
+    np.testing.assert_allclose(to_numpy(result.running_mean), ref_rm, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(result.running_var), ref_rv, rtol=1e-6)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -46,17 +43,17 @@ def test_instance_norm_does_not_modify_its_arguments():
 def test_batch_norm_running_stats_match_reference(momentum, unbiased):
     torch.manual_seed(0)
     rm, rv, count = torch.rand(5), torch.rand(5) + 0.5, torch.tensor(2)
-    ref = (_np(rm), _np(rv), 2)
+    ref = (to_numpy(rm), to_numpy(rv), 2)
     for _ in range(3):
         x = torch.randn(7, 5, 3) * 2 + 1
         out = NF.batch_norm(x, rm, rv, training=True, momentum=momentum,
                             num_batches_tracked=count, unbiased=unbiased)
-        y_ref, *ref = R.batch_norm(_np(x), ref[0], ref[1], training=True, momentum=momentum,
+        y_ref, *ref = R.batch_norm(to_numpy(x), ref[0], ref[1], training=True, momentum=momentum,
                                    num_batches_tracked=ref[2], unbiased=unbiased)
         rm, rv, count = out.running_mean, out.running_var, out.num_batches_tracked
-        np.testing.assert_allclose(_np(out.output), y_ref, atol=1e-5)
-        np.testing.assert_allclose(_np(rm), ref[0], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(_np(rv), ref[1], rtol=1e-6)
+        np.testing.assert_allclose(to_numpy(out.output), y_ref, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(rm), ref[0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(to_numpy(rv), ref[1], rtol=1e-6)
         assert int(count) == ref[2]
 
 
@@ -102,9 +99,9 @@ def test_functional_call_swaps_parameters_and_buffers():
     bn.eval()
     x = torch.randn(4, 3, 5, 5)
     y = functional_call(bn, state, (x,))
-    ref = R.batch_norm(_np(x), _np(state["running_mean"]), _np(state["running_var"]),
-                       _np(state["weight"]), _np(state["bias"]), training=False)[0]
-    np.testing.assert_allclose(_np(y), ref, atol=1e-5)
+    ref = R.batch_norm(to_numpy(x), to_numpy(state["running_mean"]), to_numpy(state["running_var"]),
+                       to_numpy(state["weight"]), to_numpy(state["bias"]), training=False)[0]
+    np.testing.assert_allclose(to_numpy(y), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(8, 4, 5, 5), (300, 4)])
@@ -120,10 +117,10 @@ def test_vmap_over_an_ensemble_in_training(shape):
 
     outs, new_rm, new_rv = vmap(step)(xs, rms, rvs)
     for i in range(3):
-        y, rm, rv, _ = R.batch_norm(_np(xs[i]), _np(rms[i]), _np(rvs[i]), training=True, momentum=0.2)
-        np.testing.assert_allclose(_np(outs[i]), y, atol=2e-5)
-        np.testing.assert_allclose(_np(new_rm[i]), rm, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(_np(new_rv[i]), rv, rtol=1e-5)
+        y, rm, rv, _ = R.batch_norm(to_numpy(xs[i]), to_numpy(rms[i]), to_numpy(rvs[i]), training=True, momentum=0.2)
+        np.testing.assert_allclose(to_numpy(outs[i]), y, atol=2e-5)
+        np.testing.assert_allclose(to_numpy(new_rm[i]), rm, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(new_rv[i]), rv, rtol=1e-5)
 
 
 def test_torch_compile_traces_batch_norm_without_graph_breaks():
@@ -174,7 +171,7 @@ def test_half_input_statistics_in_float32():
     assert r.output.dtype == torch.float16 and torch.isfinite(r.output).all()
     assert r.running_mean.dtype == torch.float32
     true_mean = x.double().mean((0, 2, 3))
-    np.testing.assert_allclose(_np(r.running_mean), _np(0.1 * true_mean), rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(r.running_mean), to_numpy(0.1 * true_mean), rtol=1e-5)
 
 
 _OTHER_NORMS = {
@@ -193,8 +190,8 @@ def test_other_norms_under_vmap_and_compile(name):
     batched = vmap(ours)(xs)
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)(xs[0])
     for i in range(3):
-        np.testing.assert_allclose(_np(batched[i]), reference(_np(xs[i])), atol=2e-5)
-    np.testing.assert_allclose(_np(compiled), reference(_np(xs[0])), atol=2e-5)
+        np.testing.assert_allclose(to_numpy(batched[i]), reference(to_numpy(xs[i])), atol=2e-5)
+    np.testing.assert_allclose(to_numpy(compiled), reference(to_numpy(xs[0])), atol=2e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,9 +207,9 @@ def test_channel_mean_var_matches_reference(layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     mean, var = NF.channel_mean_var(x)
-    ref_mean, ref_var = R.channel_mean_var(_np(x))
-    np.testing.assert_allclose(_np(mean), ref_mean, rtol=1e-13)
-    np.testing.assert_allclose(_np(var), ref_var, rtol=1e-11)
+    ref_mean, ref_var = R.channel_mean_var(to_numpy(x))
+    np.testing.assert_allclose(to_numpy(mean), ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(to_numpy(var), ref_var, rtol=1e-11)
 
 
 _VARIANTS = {
@@ -233,13 +230,13 @@ def test_batch_norm_with_stats_matches_reference(variant):
     options = dict(_VARIANTS[variant])
     if options.pop("mask", False):
         options["mask"] = torch.rand(6, 5) < 0.6
-    ref_options = {k: (v.numpy() if k == "mask" else v) for k, v in options.items()}
+    ref_options = {k: (v.cpu().numpy() if k == "mask" else v) for k, v in options.items()}
     r = NF.batch_norm_with_stats(x, w, b, 1e-3, running_mean=rm, running_var=rv, **options)
-    y, mean, var, n = R.batch_norm_with_stats(_np(x), _np(w), _np(b), 1e-3, running_mean=_np(rm),
-                                              running_var=_np(rv), **ref_options)
-    np.testing.assert_allclose(_np(r.output), y, atol=1e-12)
-    np.testing.assert_allclose(_np(r.mean), mean, rtol=1e-12)
-    np.testing.assert_allclose(_np(r.var), var, rtol=1e-12)
+    y, mean, var, n = R.batch_norm_with_stats(to_numpy(x), to_numpy(w), to_numpy(b), 1e-3, running_mean=to_numpy(rm),
+                                              running_var=to_numpy(rv), **ref_options)
+    np.testing.assert_allclose(to_numpy(r.output), y, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.mean), mean, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.var), var, rtol=1e-12)
     assert r.count == n
 
 
@@ -249,9 +246,9 @@ def test_apply_batch_stats_matches_reference(momentum, unbiased):
     rm, rv, count = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5]), torch.tensor(3)
     mean, var = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.25])
     r = NF.apply_batch_stats(rm, rv, mean, var, 10, momentum, count, unbiased)
-    ref = R.apply_batch_stats(_np(rm), _np(rv), _np(mean), _np(var), 10, momentum, 3, unbiased)
-    np.testing.assert_allclose(_np(r.running_mean), ref[0], rtol=1e-6)
-    np.testing.assert_allclose(_np(r.running_var), ref[1], rtol=1e-6)
+    ref = R.apply_batch_stats(to_numpy(rm), to_numpy(rv), to_numpy(mean), to_numpy(var), 10, momentum, 3, unbiased)
+    np.testing.assert_allclose(to_numpy(r.running_mean), ref[0], rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(r.running_var), ref[1], rtol=1e-6)
     assert int(r.num_batches_tracked) == ref[2] and bool(r.updated)
     # A count as a tensor (statistics pooled across processes): Bessel's correction on the device.
     as_tensor = NF.apply_batch_stats(rm, rv, mean, var, torch.tensor(10.0), momentum, count, unbiased)
@@ -275,11 +272,11 @@ def test_masked_batch_norm_matches_reference(training):
     x[~mask.unsqueeze(1).expand_as(x)] = float("nan")  # padding never enters
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
     r = NF.masked_batch_norm(x, mask, rm, rv, training=training, momentum=0.3, num_batches_tracked=torch.tensor(1))
-    y, ref_rm, ref_rv, ref_count = R.masked_batch_norm(_np(x), mask.numpy(), _np(rm), _np(rv),
+    y, ref_rm, ref_rv, ref_count = R.masked_batch_norm(to_numpy(x), mask.cpu().numpy(), to_numpy(rm), to_numpy(rv),
                                                        training=training, momentum=0.3, num_batches_tracked=1)
-    np.testing.assert_allclose(_np(r.output), y, atol=1e-12)
-    np.testing.assert_allclose(_np(r.running_mean), ref_rm, rtol=1e-12)
-    np.testing.assert_allclose(_np(r.running_var), ref_rv, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.output), y, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.running_mean), ref_rm, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.running_var), ref_rv, rtol=1e-12)
     assert int(r.num_batches_tracked) == ref_count
 
 
@@ -293,14 +290,14 @@ def test_batch_norm_act_matches_reference(act, training):
     options = dict(act=act, negative_slope=0.2, alpha=0.7)
     r = NF.batch_norm_act(x, rm, rv, w, b, training=training, momentum=0.3,
                           num_batches_tracked=torch.tensor(0), **options)
-    y, ref_rm, ref_rv, ref_count = R.batch_norm_act(_np(x), _np(rm), _np(rv), _np(w), _np(b), training=training,
+    y, ref_rm, ref_rv, ref_count = R.batch_norm_act(to_numpy(x), to_numpy(rm), to_numpy(rv), to_numpy(w), to_numpy(b), training=training,
                                                     momentum=0.3, **options)
-    np.testing.assert_allclose(_np(r.output), y, atol=1e-12)
-    np.testing.assert_allclose(_np(r.running_mean), ref_rm, rtol=1e-12)
-    np.testing.assert_allclose(_np(r.running_var), ref_rv, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.output), y, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.running_mean), ref_rm, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(r.running_var), ref_rv, rtol=1e-12)
     assert int(r.num_batches_tracked) == ref_count
     dy = torch.randn_like(x)
     (r.output * dy).sum().backward()
-    dx, _, _ = R.batch_norm_act_backward(_np(dy), _np(x), _np(w), _np(b), training=training,
-                                         running_mean=_np(rm), running_var=_np(rv), **options)
-    np.testing.assert_allclose(_np(x.grad), dx, atol=1e-9)
+    dx, _, _ = R.batch_norm_act_backward(to_numpy(dy), to_numpy(x), to_numpy(w), to_numpy(b), training=training,
+                                         running_mean=to_numpy(rm), running_var=to_numpy(rv), **options)
+    np.testing.assert_allclose(to_numpy(x.grad), dx, atol=1e-9)

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from device_switch import generator, to_numpy
 from torch import nn
 
 from normlab.layers.act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
@@ -38,7 +39,7 @@ def _one_thread():
 
 def make_pair(act: str, channels: int = 3, seed: int = 0, dtype=torch.float32, **kw):
     """A BatchNormAct2d and torch's BatchNorm2d with the same non-trivial state."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     theirs = nn.BatchNorm2d(channels, dtype=dtype)
     with torch.no_grad():
         theirs.weight.copy_(torch.rand(channels, generator=g) * 1.5 + 0.5)
@@ -60,7 +61,7 @@ def run(layer, x, dy, act_fn=None):
 
 
 def sample(shape, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).mul(1.3).add(0.4).to(dtype)
 
 
@@ -438,8 +439,8 @@ def test_large_offset_input_keeps_float32_accuracy(act, save):
     ours, _ = make_pair(act, save=save)
     x, dy = sample((8, 3, 6, 6), 27) + 1e4, sample((8, 3, 6, 6), 28)
     _, dx, dw, db = run(ours, x, dy)
-    params = dict(weight=ours.weight.detach().double().numpy(), bias=ours.bias.detach().double().numpy())
-    want = R.batch_norm_act_backward(dy.double().numpy(), x.double().numpy(), **params, act=act,
+    params = dict(weight=to_numpy(ours.weight), bias=to_numpy(ours.bias))
+    want = R.batch_norm_act_backward(to_numpy(dy), to_numpy(x), **params, act=act,
                                      negative_slope=0.1)
     for name, a, b in zip(("dx", "dweight", "dbias"), (dx, dw, db), want):
-        close(a, torch.from_numpy(b), 1e-4, name)
+        close(a, torch.as_tensor(b), 1e-4, name)

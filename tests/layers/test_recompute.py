@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from device_switch import generator
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
@@ -86,7 +87,7 @@ def test_checkpoint_sequential_counts_each_training_step_once(use_reentrant):
 
     ours, theirs, plain = stack(normlab), stack(nn), stack(normlab)
     for step in range(3):
-        x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(step)).requires_grad_()
+        x = torch.randn(4, 2, 6, 6, generator=generator(step)).requires_grad_()
         checkpoint_sequential(ours, 2, x, use_reentrant=use_reentrant).sum().backward()
         checkpoint_sequential(theirs, 2, x, use_reentrant=use_reentrant).sum().backward()
         plain(x).sum().backward()

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.testing import assert_close
+from torch_pairs import PAIRS, pair
 
 import normlab
-from torch_pairs import PAIRS, pair
 
 AFFINE = [name for name in PAIRS if PAIRS[name].make(nn).weight is not None]
 
