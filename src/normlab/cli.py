@@ -1,4 +1,4 @@
-"""The ``normlab`` command: list experiments, run one, rebuild a report.
+"""The ``normlab`` command: list experiments, run one or all, rebuild a report, compare verdicts.
 
 Exit codes: 0 success; 1 ``--check`` found the measured outcome missing the expected one;
 2 bad arguments, config or data; 3 a job failed (its traceback is in the run folder's
@@ -33,6 +33,7 @@ EPILOG = """examples:
   normlab report runs/ioffe2015-mnist-quick-20261125-101500    # or a suite folder: every report and the index
   normlab inspect runs/ioffe2015-mnist-quick-20261125-101500               # every checkpoint of the run
   normlab fold runs/ioffe2015-mnist-quick-20261125-101500 folded.pt --arm batch --seed 0
+  normlab compare runs/suite-quick-A runs/suite-quick-B --check   # the same verdicts on other seeds / data?
 
 exit codes: 0 success, 1 --check: expected outcome missed, 2 bad arguments/config/data,
 3 a job failed (traceback in the run folder's errors/), 130 interrupted (continue with --resume)."""
@@ -89,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="rebuild report.html and report.md from a run folder (a suite folder: every report and the index)")
     report.add_argument("run_dir")
+
+    compare = sub.add_parser("compare", help="do the verdicts hold on other seeds or data? compare the verdicts of "
+                                             "two or more suite or run folders, claim by claim")
+    compare.add_argument("folders", nargs="+", metavar="FOLDER", help="suite folders (normlab reproduce) or run folders "
+                                                                      "(normlab run)")
+    compare.add_argument("--out", metavar="FILE.md", help="also write the comparison (Markdown) here")
+    compare.add_argument("--json", metavar="FILE.json", help="also write it as JSON here")
+    compare.add_argument("--check", action="store_true",
+                         help="exit 1 unless every claim compared has one verdict in every folder")
 
     inspect = sub.add_parser("inspect", help="list the normalization layers of a checkpoint and the health of their statistics")
     inspect.add_argument("checkpoint", help="a state dict, a lab checkpoint (runs/RUN/checkpoints/ARM-seedN.pt), "
@@ -356,6 +366,26 @@ def _cmd_report(args) -> int:
     return EXIT_OK
 
 
+def _cmd_compare(args) -> int:
+    import json
+
+    from .lab.compare import compare_folders, comparison_md
+    from .lab.runfiles import atomic_write_text, make_folder
+
+    comparison = compare_folders(args.folders)
+    text = comparison_md(comparison)
+    for option, path, body in (("--out", args.out, text),
+                               ("--json", args.json, json.dumps(comparison.to_dict(), indent=2) + "\n")):
+        if path:
+            target = Path(path)
+            if target.is_dir():
+                raise _UsageError(f"{option} {path!r} is a folder; give a file name, e.g. {target / 'compare.md'}.")
+            make_folder(target.parent, what=f"the folder of {option} {path!r}", option=option)
+            atomic_write_text(target, body)
+    print(text, end="")
+    return EXIT_CHECK_FAILED if args.check and not comparison.robust else EXIT_OK
+
+
 def _cmd_fold(args) -> int:
     from .lab.checkpoint import fold_checkpoint, run_checkpoints
 
@@ -397,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "fold":
             return _cmd_fold(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         return _cmd_report(args)
     except (_UsageError, ValueError) as err:
         if os.environ.get("NORMLAB_DEBUG"):

@@ -33,7 +33,8 @@ from .experiments.base import Experiment, Summary
 from .runfiles import atomic_write_text
 from .verdicts import Finding, combine
 
-__all__ = ["SuiteOptions", "run_suite", "select_experiments", "write_index", "is_suite", "SUITE_FILE"]
+__all__ = ["SuiteOptions", "run_suite", "select_experiments", "write_index", "is_suite", "SUITE_FILE", "claim_findings",
+           "suite_summaries"]
 
 SUITE_FILE = "suite.json"
 
@@ -216,14 +217,35 @@ class _ClaimRow:
     status: str  # "measured", "pending" (an experiment is unfinished), "untested"
 
 
+def claim_findings(summaries: Sequence[Summary]) -> dict[str, Finding]:
+    """One finding per claim these summaries measure, in claim order: a claim measured by several
+    findings (parts, or several experiments) gets :func:`~normlab.lab.verdicts.combine`'s verdict,
+    as in the index."""
+    by_claim: dict[str, list[Finding]] = {}
+    for summary in summaries:
+        for f in summary.findings:
+            by_claim.setdefault(f.claim, []).append(f)
+    return {cid: found[0] if len(found) == 1 else combine(cid, found)
+            for cid, found in sorted(by_claim.items(), key=lambda kv: claim_order(kv[0]))}
+
+
+def suite_summaries(folder: str | Path) -> tuple[SuiteOptions, dict[str, Summary | None]]:
+    """A suite folder's options and each experiment's summary (None: not finished), as the index
+    reads them (a finished run without ``summary.json`` gets its report built first).
+
+    Raises:
+        ValueError: not a suite folder, or one naming an experiment this normlab does not have.
+    """
+    options, entries = _entries(Path(folder), rebuild=False)
+    return options, {e.name: e.summary for e in entries}
+
+
 def _claim_rows(entries: list[_Entry]) -> list[_ClaimRow]:
     rows = []
     for cid, claim in CLAIMS.items():
         testing = [e for e in entries if cid in e.experiment.claims]
+        finding = claim_findings([e.summary for e in testing if e.summary]).get(cid)
         findings = [f for e in testing if e.summary for f in e.summary.findings if f.claim == cid]
-        finding = None
-        if findings:
-            finding = findings[0] if len(findings) == 1 else combine(cid, findings)
         status = "untested" if not testing else "pending" if any(e.summary is None for e in testing) else "measured"
         published = "; ".join(dict.fromkeys(f.published for f in findings if f.published)) or claim.anchor or "-"
         rows.append(_ClaimRow(cid, claim.words, [e.name for e in testing], finding, published, status))
