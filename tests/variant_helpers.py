@@ -7,6 +7,11 @@ import torch
 from device_switch import generator
 from torch import nn
 
+import normlab
+
+TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+NORMLAB_BN = {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d, 3: normlab.BatchNorm3d}
+
 
 def kind(shape) -> int:
     """1, 2 or 3: the BatchNorm{k}d that takes input of this shape."""
@@ -36,6 +41,19 @@ def sample(shape, seed, dtype=torch.float32, fmt=None) -> torch.Tensor:
                                                                  * 2 + 0.3).view(view)
     x = (x + torch.randn(shape[1], generator=g, dtype=torch.float64).view(view)).to(dtype)
     return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward of ``layer`` on a fresh copy of ``x``: the output and the gradients
+    of the input, weight and bias (the latter two when the layer has them)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    grads = {"input": x.grad}
+    if layer.weight is not None:
+        grads.update(weight=layer.weight.grad, bias=layer.bias.grad)
+    return y.detach(), grads
 
 
 def close(actual, expected, tol, what):

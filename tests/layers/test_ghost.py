@@ -15,7 +15,7 @@ import torch
 from device_switch import to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from variant_helpers import close, kind as rank_of, randomize, sample
+from variant_helpers import NORMLAB_BN, TORCH_BN, close, forward_backward, kind as rank_of, randomize, sample
 
 import normlab
 from normlab import functional as NF
@@ -23,19 +23,6 @@ from normlab import reference as R
 from normlab.layers.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 
 GHOST = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
-TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-NORMLAB_BN = {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d, 3: normlab.BatchNorm3d}
-
-
-def _ghost_step(layer, x, dy):
-    layer.zero_grad(set_to_none=True)
-    xx = x.detach().clone().requires_grad_(True)
-    y = layer(xx)
-    y.backward(dy)
-    grads = {"input": xx.grad}
-    if layer.weight is not None:
-        grads.update(weight=layer.weight.grad, bias=layer.bias.grad)
-    return y.detach(), grads
 
 
 def _chunked_step(bn, x, dy, sizes):
@@ -84,11 +71,11 @@ def test_equals_batch_norm_applied_virtual_batch_by_virtual_batch(shape, fmt, vb
     for step, training in enumerate([True, True, True, False]):
         x, dy = sample(shape, 10 * step, fmt=fmt), sample(shape, 10 * step + 1, fmt=fmt)
         ours.train(training), reference.train(training)
-        y, g = _ghost_step(ours, x, dy)
+        y, g = forward_backward(ours, x, dy)
         if training:
             y_ref, g_ref = _chunked_step(reference, x, dy, sizes)
         else:
-            y_ref, g_ref = _ghost_step(reference, x, dy)
+            y_ref, g_ref = forward_backward(reference, x, dy)
         when = f"step {step + 1} ({'train' if training else 'eval'}), virtual batches {sizes}"
         close(y, y_ref, 1e-6, f"output, {when}")
         assert y.is_contiguous(memory_format=fmt or torch.contiguous_format), "memory format not kept"

@@ -17,7 +17,7 @@ import torch
 from device_switch import to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from variant_helpers import close, kind as rank_of, randomize, sample
+from variant_helpers import NORMLAB_BN, TORCH_BN, close, forward_backward, kind as rank_of, randomize, sample
 
 import normlab
 from normlab import functional as NF
@@ -31,20 +31,6 @@ from normlab.layers.renorm import (
 )
 
 RENORM = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
-TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-NORMLAB_BN = {1: normlab.BatchNorm1d, 2: normlab.BatchNorm2d, 3: normlab.BatchNorm3d}
-
-
-
-def _run(layer, x, dy):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(dy)
-    grads = {"input": x.grad}
-    if layer.weight is not None:
-        grads.update(weight=layer.weight.grad, bias=layer.bias.grad)
-    return y.detach(), grads
 
 
 # Shapes and layouts that take each path: torch's kernels (NCHW, small 2-D) and the blocked
@@ -79,10 +65,10 @@ def test_r_max_1_d_max_0_equals_batch_norm(shape, fmt, momentum):
     for step, training in enumerate([True, True, True, False]):
         x, dy = sample(shape, 10 * step, fmt=fmt), sample(shape, 10 * step + 1, fmt=fmt)
         ours.train(training)
-        y, g = _run(ours, x, dy)
+        y, g = forward_backward(ours, x, dy)
         for name, other in layers.items():
             other.train(training)
-            y_o, g_o = _run(other, x, dy)
+            y_o, g_o = forward_backward(other, x, dy)
             when = f"{name}, step {step + 1} ({'train' if training else 'eval'})"
             # torch sums channel-innermost input of >= 256 values per channel naively, normlab
             # (BatchNorm and BatchRenorm alike) by blocks: against torch, allow its rounding.
@@ -138,7 +124,7 @@ def test_matches_reference_with_corrections(shape, fmt, dtype, limits):
         dx_ref, dw_ref, db_ref = R.batch_renorm_backward(
             to_numpy(dy), to_numpy(x), rm, rv, w, layer.eps, r_max=r_max, d_max=d_max, training=training,
         )
-        y, g = _run(layer, x, dy)
+        y, g = forward_backward(layer, x, dy)
         when = f"step {step + 1}"
         close(y, y_ref, tol, f"output, {when}")
         close(g["input"], dx_ref, tol, f"dx, {when}")
@@ -171,7 +157,7 @@ def test_r_and_d_are_constants_in_backprop():
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
     x = sample((5, 3, 4, 4), 7, torch.float64)
     dy = sample((5, 3, 4, 4), 8, torch.float64)
-    y, g = _run(layer, x, dy)
+    y, g = forward_backward(layer, x, dy)
     grads = {}
     for detach in (True, False):
         xx = x.clone().requires_grad_(True)
@@ -231,7 +217,7 @@ def test_without_running_statistics_it_is_batch_norm():
     x, dy = sample((4, 3, 5, 5), 2), sample((4, 3, 5, 5), 3)
     for training in (True, False):
         ours.train(training), theirs.train(training)
-        (y, g), (y_t, g_t) = _run(ours, x, dy), _run(theirs, x, dy)
+        (y, g), (y_t, g_t) = forward_backward(ours, x, dy), forward_backward(theirs, x, dy)
         close(y, y_t, 1e-6, "output")
         for key in g:
             close(g[key], g_t[key], 1e-5, f"d{key}")
