@@ -3,6 +3,8 @@ test device, and a scale-aware closeness check."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from device_switch import generator
 from torch import nn
@@ -54,6 +56,19 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tup
     if layer.weight is not None:
         grads.update(weight=layer.weight.grad, bias=layer.bias.grad)
     return y.detach(), grads
+
+
+def check_16_bit_input(layer: nn.Module, x16: torch.Tensor, tol: float) -> None:
+    """16-bit input: the output keeps the input's dtype and is within ``tol`` of the same layer
+    run in float32 on the same rounded values; the running statistics stay float32 and match."""
+    ref_layer = copy.deepcopy(layer)
+    expected = ref_layer(x16.float())
+    y = layer(x16)
+    assert y.dtype == x16.dtype
+    close(y, expected, tol, f"{x16.dtype} output")
+    for name in ("running_mean", "running_var"):
+        assert getattr(layer, name).dtype == torch.float32
+        close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
 
 
 def close(actual, expected, tol, what):

@@ -29,14 +29,6 @@ KW = {"leaky_relu": dict(negative_slope=0.1), "elu": dict(alpha=0.7)}
 INVERTIBLE = ("identity", "leaky_relu", "elu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_pair(act: str, channels: int = 3, seed: int = 0, dtype=torch.float32, **kw):
     """A BatchNormAct2d and torch's BatchNorm2d with the same non-trivial state."""
     g = generator(seed)

@@ -25,14 +25,6 @@ C, H, W = 8, 5, 5
 PROBES, MATES = 3, 13
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _data():
     g = generator(0)
     probes = torch.randn(PROBES, C, H, W, generator=g)

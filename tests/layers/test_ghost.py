@@ -15,7 +15,7 @@ import torch
 from device_switch import to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from variant_helpers import NORMLAB_BN, TORCH_BN, close, forward_backward, kind as rank_of, randomize, sample
+from variant_helpers import NORMLAB_BN, TORCH_BN, check_16_bit_input, close, forward_backward, kind as rank_of, randomize, sample
 
 import normlab
 from normlab import functional as NF
@@ -263,16 +263,8 @@ def test_kernel_path_serves_contiguous_float32():
 
 
 def test_half_precision_input():
-    layer = randomize(GhostBatchNorm2d(3, virtual_batch_size=3))
-    ref_layer = copy.deepcopy(layer)
-    x16 = sample((7, 3, 4, 4), 9).to(torch.float16)
-    expected = ref_layer(x16.float())
-    y = layer(x16)
-    assert y.dtype == torch.float16
-    close(y, expected, 1e-2, "float16 output")
-    for name in ("running_mean", "running_var"):
-        assert getattr(layer, name).dtype == torch.float32
-        close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
+    check_16_bit_input(randomize(GhostBatchNorm2d(3, virtual_batch_size=3)), sample((7, 3, 4, 4), 9).to(torch.float16),
+                       1e-2)
 
 
 def test_vmap_equals_a_loop():

@@ -19,15 +19,6 @@ from normlab import reference as R
 from normlab.layers.recurrent import BNLSTM, LNLSTM, RecurrentBatchNorm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-
 def step_input(n: int, c: int, t: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     """Data whose distribution changes with the time step (mean t, spread 1 + t/2)."""
     g = generator(1000 * seed + t)

@@ -17,7 +17,7 @@ import torch
 from device_switch import to_numpy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from variant_helpers import NORMLAB_BN, TORCH_BN, close, forward_backward, kind as rank_of, randomize, sample
+from variant_helpers import NORMLAB_BN, TORCH_BN, check_16_bit_input, close, forward_backward, kind as rank_of, randomize, sample
 
 import normlab
 from normlab import functional as NF
@@ -422,16 +422,8 @@ def test_fast_path_serves_contiguous_float32():
 
 
 def test_half_precision_input_uses_float32_statistics():
-    layer = randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0))
-    ref_layer = copy.deepcopy(layer)
-    x16 = sample((4, 3, 6, 6), 9).to(torch.bfloat16)
-    expected = ref_layer(x16.float())  # float32 on the same rounded values
-    y = layer(x16)
-    assert y.dtype == torch.bfloat16
-    close(y, expected, 5e-2, "bfloat16 output")
-    for name in ("running_mean", "running_var"):
-        assert getattr(layer, name).dtype == torch.float32
-        close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
+    check_16_bit_input(randomize(BatchRenorm2d(3, r_max=3.0, d_max=5.0)), sample((4, 3, 6, 6), 9).to(torch.bfloat16),
+                       5e-2)
 
 
 def test_vmap_over_batches_equals_a_loop():
