@@ -131,6 +131,18 @@ def test_check_passes_when_every_verdict_holds(tmp_path, capsys):
     assert f'- **C**: run {c} (data.name="mnist-5k", train.first_seed=7)' in text
 
 
+def test_the_labels_name_only_what_sets_the_folders_apart(tmp_path):
+    """A suite records the config its experiments share; a key one suite shares and the other does
+    not (other experiments) is no difference, a key given to one suite is."""
+    a = _suite(tmp_path / "a", {"init-scale": [_finding("C4", "supported")],
+                                "placement": [_finding("C13", "inconclusive")]})
+    b = _suite(tmp_path / "b", {"init-scale": [_finding("C4", "supported")]})
+    c = _suite(tmp_path / "c", {"init-scale": [_finding("C4", "supported")],
+                                "placement": [_finding("C13", "inconclusive")]}, overrides={"model.widths": [16]})
+    assert compare_folders([a, b]).labels == [str(a), str(b)]
+    assert compare_folders([a, c]).labels == [str(a), f"{c} (model.widths=[16])"]
+
+
 def test_a_claim_measured_in_one_folder_is_not_compared(tmp_path, capsys):
     a = _suite(tmp_path / "a", {"init-scale": [_finding("C4", "supported")],
                                 "lr-sensitivity": [_finding("C5", "not supported")]})

@@ -49,15 +49,18 @@ class Source:
     Attributes:
         path: the folder.
         kind: ``"suite"`` or ``"run"``.
-        settings: the options it ran with, as dotted keys (a suite: its form and the overrides
-            given to ``normlab reproduce``; a run: its whole resolved config).
+        settings: the options it ran with, as dotted keys (a suite: its form, the config its
+            experiments share, and the overrides given to ``normlab reproduce``; a run: its
+            whole resolved config).
         summaries: each experiment's summary (None: not finished).
+        given: a suite's overrides (the keys set for every experiment).
     """
 
     path: Path
     kind: str
     settings: dict[str, Any]
     summaries: dict[str, Summary | None]
+    given: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unfinished(self) -> list[str]:
@@ -145,7 +148,7 @@ def read_source(folder: str | Path) -> Source:
         common = {k: v for k, v in configs[0].items()
                   if k != "experiment" and all(c.get(k, _MISSING) == v for c in configs)} if configs else {}
         settings = {"form": "quick" if options.quick else "full", **common, **options.overrides}
-        return Source(path, "suite", settings, summaries)
+        return Source(path, "suite", settings, summaries, dict(options.overrides))
     if not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is neither a suite folder (no suite.json) nor a run folder (no config.json); "
                          f"give folders written by normlab reproduce or normlab run.")
@@ -181,14 +184,14 @@ def _run_settings(run: Path) -> dict[str, Any]:
 
 def _labels(sources: list[Source]) -> list[str]:
     """Each folder's path, and the settings in which the folders differ: a key whose value
-    differs among the folders that record it (a run records its whole config; a suite only the
-    options given to it, so between suites a key given to one and not the other differs too)."""
+    differs among the folders that record it, or one a suite was given that another folder does
+    not record (a suite records only the config its experiments share)."""
     keys = sorted({k for s in sources for k in s.settings})
-    all_suites = all(s.kind == "suite" for s in sources)
 
     def differs(key: str) -> bool:
         present = [json.dumps(s.settings[key], sort_keys=True, default=str) for s in sources if key in s.settings]
-        return len(set(present)) > 1 or (all_suites and len(present) < len(sources))
+        given = any(key in s.given for s in sources)
+        return len(set(present)) > 1 or (given and len(present) < len(sources))
 
     differing = [k for k in keys if differs(k)]
     labels = []
