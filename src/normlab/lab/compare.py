@@ -130,11 +130,12 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def read_source(folder: str | Path) -> Source:
-    """Read a suite or run folder's settings and summaries.
+    """Read a suite or run folder's settings and summaries (an unfinished experiment's summary is
+    None: its claims count as not measured there).
 
     Raises:
-        ValueError: neither a suite folder (``suite.json``) nor a run folder (``config.json``), or
-            a run whose jobs have not all finished.
+        ValueError: neither a suite folder (``suite.json``) nor a run folder (``config.json``
+            written by ``normlab run``).
     """
     from .report import write_report
     from .suite import is_suite, suite_summaries
