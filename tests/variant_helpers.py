@@ -71,6 +71,19 @@ def check_16_bit_input(layer: nn.Module, x16: torch.Tensor, tol: float) -> None:
         close(getattr(layer, name), getattr(ref_layer, name), 1e-5, name)
 
 
+def check_state_dict_round_trip(ours: nn.Module, kind: int) -> None:
+    """``ours`` has torch's batch-norm state dict: the same keys and version metadata, and strict
+    loading both ways (torch's ``BatchNorm{kind}d`` -> ours -> a fresh torch layer) keeps every value."""
+    theirs = randomize(TORCH_BN[kind](ours.num_features), seed=kind)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.state_dict()._metadata[""] == theirs.state_dict()._metadata[""]
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    back = TORCH_BN[kind](ours.num_features)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
 def close(actual, expected, tol, what):
     """Max abs error at most ``tol`` times the larger of 1 and the expected values' scale."""
     a = torch.as_tensor(actual).detach().double()
